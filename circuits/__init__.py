@@ -1,0 +1,1 @@
+"""thinklens.circuits (see the open issues; nothing public yet)."""

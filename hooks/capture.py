@@ -1,0 +1,324 @@
+"""Capture activations and attention from traces, to memory or to a disk store.
+
+1. Resolve sites (hook names or globs) and positions per trace; estimate the memory and
+   refuse, before running, a capture over budget (:mod:`thinklens.hooks.budget`).
+2. Batch traces by length, right-pad them: with causal attention and positions counted
+   from 0 per sequence, real tokens never see the padding, so a padded batch captures
+   what one-by-one capture does.
+3. Forward hooks (scoped, removed in ``finally``) copy each site's rows at the chosen
+   positions. Attention is reduced while the pass runs, one layer at a time:
+   ``attention="sentence"`` averages every head's pattern into a sentence×sentence
+   matrix (Thought Anchors, Bogdan et al. 2025: ``A[i, j]`` = mean over the query
+   tokens of sentence i of the summed attention to the key tokens of sentence j, divided
+   by the key count: the mean token-to-token weight), using cumulative sums along both axes so the cost is that
+   of reading the pattern once; a list of ``(layer, head)`` keeps those heads' full
+   patterns. The full patterns of all layers are never held at once.
+4. Results go to a :class:`Capture` (memory) or are appended batch by batch to a
+   :class:`~thinklens.hooks.store.Store`, skipping traces it already holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from thinklens.errors import ConfigError
+from thinklens.hooks import budget as _budget
+from thinklens.hooks.activations import ActivationReader
+from thinklens.hooks.model import parse_dtype
+from thinklens.hooks.sites import is_pattern_site, layer_of
+from thinklens.hooks.trace import Trace, check_tokenizer
+from thinklens.hooks.trace import positions as select_positions
+
+SENTENCE_KEY = "sentence_attention"
+
+
+class Capture(ActivationReader):
+    """Activations in memory; read like a store: ``capture["blocks.0.hook_resid_post"]``."""
+
+    def __init__(self, traces: list[Trace], data: dict[str, list[torch.Tensor]],
+                 axes: dict[str, tuple[str, ...]], positions: list[torch.Tensor],
+                 meta: dict[str, Any]):
+        self.traces = traces
+        self._data = data
+        self.keys = list(data)
+        self.axes = axes
+        self._pos = positions
+        self.meta = meta
+
+    def _per_trace(self, key: str) -> list[torch.Tensor]:
+        return self._data[key]
+
+    def _positions(self) -> list[torch.Tensor]:
+        return self._pos
+
+    def __repr__(self) -> str:
+        return f"Capture({len(self.traces)} traces, keys={self.keys})"
+
+
+def trace_id(trace: Trace) -> str:
+    """Stable id: ``trace.meta['id']`` when given, else a hash of model and tokens."""
+    if "id" in trace.meta:
+        return str(trace.meta["id"])
+    h = hashlib.sha256(f"{trace.model_name}|{trace.token_ids}".encode())
+    return h.hexdigest()[:16]
+
+
+def _parse_attention(attention: Any, cfg) -> tuple[bool, dict[int, list[int]]]:
+    if attention is None:
+        return False, {}
+    if attention == "sentence":
+        return True, {}
+    if isinstance(attention, str):
+        raise ConfigError(f"attention={attention!r}; valid: None, 'sentence', or a list of "
+                          "(layer, head) pairs such as [(2, 1), (3, 0)]")
+    heads: dict[int, list[int]] = defaultdict(list)
+    for pair in attention:
+        if not (isinstance(pair, Sequence) and len(pair) == 2):
+            raise ConfigError(f"attention pair {pair!r} is not (layer, head)")
+        layer, head = int(pair[0]), int(pair[1])
+        if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+            raise ConfigError(f"attention head ({layer}, {head}) out of range: layers "
+                              f"0..{cfg.n_layers - 1}, heads 0..{cfg.n_heads - 1}")
+        if head not in heads[layer]:
+            heads[layer].append(head)
+    return False, {k: sorted(v) for k, v in sorted(heads.items())}
+
+
+def _site_shapes(model, sites: list[str]) -> dict[str, tuple[int, ...]]:
+    """Trailing shape per token of every site, from a 2-token dry run (keys not counted)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def rec(name):
+        def fn(x, hook):
+            x = x.permute(0, 2, 1, 3) if is_pattern_site(name) else x
+            shapes[name] = tuple(x.shape[2:-1]) if is_pattern_site(name) else tuple(x.shape[2:])
+            return x.permute(0, 2, 1, 3) if is_pattern_site(name) else x
+        return fn
+
+    ids = torch.tensor([[model.tokenizer.eos_token_id or 0] * 2], device=model.device)
+    with torch.no_grad(), model.hooks([(s, rec(s)) for s in sites]):
+        model.bridge(ids)
+    return shapes
+
+
+def _axes(model, site: str, shape: tuple[int, ...]) -> tuple[str, ...]:
+    c = model.config
+    if is_pattern_site(site):
+        return ("pos", "head", "key_pos")
+    if len(shape) == 2:
+        return ("pos", "kv_head" if shape[0] == c.n_kv_heads and shape[0] != c.n_heads
+                else "head", "d_head")
+    if shape == (1,):
+        return ("pos", "one")
+    if site.endswith(("mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear")):
+        return ("pos", "d_mlp")
+    if "unembed" in site:
+        return ("pos", "d_vocab")
+    if shape == (c.d_model,):
+        return ("pos", "d_model")
+    names = {c.d_mlp: "d_mlp", c.d_vocab: "d_vocab"}
+    return ("pos", *[names.get(n, f"dim{i}") for i, n in enumerate(shape)])
+
+
+def estimate(model, traces, sites, shapes, pos, sentence, heads, out_dtype, batch_size):
+    """An :class:`~thinklens.hooks.budget.Estimate` for this capture."""
+    nb = torch.finfo(out_dtype).bits // 8
+    per_trace = []
+    for t, p in zip(traces, pos):
+        n = len(t)
+        b = 0
+        for s in sites:
+            elems = int(torch.tensor(shapes[s]).prod()) if shapes[s] else 1
+            b += len(p) * elems * (n if is_pattern_site(s) else 1) * nb
+        if sentence:
+            b += model.config.n_layers * model.config.n_heads * len(t.sentences) ** 2 * 4
+        b += sum(len(h) for h in heads.values()) * n * n * nb
+        per_trace.append(b)
+    longest = max((len(t) for t in traces), default=1)
+    worst_batch = sum(sorted(per_trace)[-batch_size:])
+    return _budget.Estimate(kept=sum(per_trace), kept_per_batch=worst_batch,
+                            forward_peak=_budget.forward_peak(
+                                model.config, min(batch_size, len(traces)), longest,
+                                torch.finfo(model.dtype).bits // 8))
+
+
+def sentence_means(pattern: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Per-head sentence×sentence mean attention of one layer.
+
+    ``pattern`` is ``[batch, head, query, key]``; ``bounds`` is ``[batch, sentence, 2]``
+    token spans (``start == end == 0`` pads). Returns ``[batch, head, sentence, sentence]``
+    float32: ``out[b, h, i, j]`` = mean over query tokens of sentence i and key tokens of
+    sentence j of ``pattern[b, h, q, k]``.
+    """
+    b, n_heads, _, _ = pattern.shape
+    start, end = bounds[..., 0], bounds[..., 1]  # [b, S]
+    count = (end - start).clamp(min=1).to(torch.float64)
+    out = []
+    for h in range(n_heads):  # one head at a time: one extra [b, T, T] buffer, not n_heads
+        c = torch.nn.functional.pad(pattern[:, h].to(torch.float32).cumsum(-1), (1, 0))
+        idx_e = end[:, None, :].expand(b, c.shape[1], -1)
+        idx_s = start[:, None, :].expand(b, c.shape[1], -1)
+        keysum = (c.gather(2, idx_e) - c.gather(2, idx_s)).to(torch.float64)  # [b, T, S]
+        d = torch.nn.functional.pad(keysum.cumsum(1), (0, 0, 1, 0))         # [b, T+1, S]
+        qe = end[:, :, None].expand(-1, -1, d.shape[2])
+        qs = start[:, :, None].expand(-1, -1, d.shape[2])
+        qsum = d.gather(1, qe) - d.gather(1, qs)                             # [b, S, S]
+        out.append(qsum / count[:, :, None] / count[:, None, :])
+    return torch.stack(out, 1).to(torch.float32)
+
+
+def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any = None,
+            dtype: Any = None, store: Any = None, batch_size: int = 8, budget: Any = None,
+            progress: bool | None = None):
+    """Record activations of ``traces`` at ``sites`` and ``positions``.
+
+    Example::
+
+        cap = model.capture(traces, sites="blocks.*.hook_resid_post", positions="thinking",
+                            attention="sentence")
+        cap["blocks.3.hook_resid_post"].values.shape   # (trace, pos, d_model)
+        cap["sentence_attention"].values.shape         # (trace, layer, head, sentence, sentence)
+
+    With ``store="acts/"`` (a folder or an open Store) results stream to disk batch by
+    batch, traces already there are skipped, and the Store is returned.
+    """
+    if isinstance(traces, Trace):
+        traces = [traces]
+    traces = list(traces)
+    if not traces:
+        raise ConfigError("no traces to capture; build some with model.think(...) or "
+                          "Trace.from_text(model, prompt, completion)")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}; must be a positive integer")
+    for t in traces:
+        check_tokenizer(t, model.tokenizer)
+    site_list = model.sites(sites) if sites not in ((), [], None, "") else []
+    sentence, heads = _parse_attention(attention, model.config)
+    clash = [f"blocks.{layer}.attn.hook_pattern" for layer in heads
+             if f"blocks.{layer}.attn.hook_pattern" in site_list]
+    if clash:
+        raise ConfigError(f"{clash[0]} is both a site and in attention=; choose one")
+    if not site_list and not sentence and not heads:
+        raise ConfigError("nothing to capture: give sites= (e.g. 'blocks.*.hook_resid_post') "
+                          "and/or attention= ('sentence' or [(layer, head), ...])")
+    pos = [select_positions(t, positions) for t in traces]
+    out_dtype = parse_dtype(dtype) or model.dtype
+    shapes = _site_shapes(model, site_list) if site_list else {}
+    axes = {s: _axes(model, s, shapes[s]) for s in site_list}
+    if sentence:
+        axes[SENTENCE_KEY] = ("layer", "head", "sentence", "sentence")
+    for layer in heads:
+        axes[f"blocks.{layer}.attn.hook_pattern"] = ("head", "query_pos", "key_pos")
+    est = estimate(model, traces, site_list, shapes, pos, sentence, heads, out_dtype, batch_size)
+    _budget.check(est, _budget.parse_budget(budget, model.device), streaming=store is not None)
+
+    st = None
+    todo = list(range(len(traces)))
+    if store is not None:
+        st = _open_store(model, store, list(axes), out_dtype)
+        todo = [i for i in todo if trace_id(traces[i]) not in st]
+    if st is None:  # batch traces of similar length (less padding); a store keeps input order
+        todo.sort(key=lambda i: len(traces[i]))
+    batches = [todo[j: j + batch_size] for j in range(0, len(todo), batch_size)]
+    data: dict[str, list] = {k: [None] * len(traces) for k in axes}
+    show = progress if progress is not None else len(batches) > 4
+    for batch in tqdm(batches, desc="capture", disable=not show):
+        got = _run_batch(model, [traces[i] for i in batch], [pos[i] for i in batch],
+                         site_list, sentence, heads, out_dtype)
+        if st is not None:
+            records = []
+            for j, i in enumerate(batch):
+                tensors = {k: got[k][j] for k in axes}
+                tensors["__positions__"] = pos[i].to(torch.int64)
+                records.append((trace_id(traces[i]), traces[i].to_dict(), tensors))
+            st.append(records, axes)
+        else:
+            for k in axes:
+                for j, i in enumerate(batch):
+                    data[k][i] = got[k][j]
+    if st is not None:
+        return st
+    meta = {"model_name": model.name, "revision": model.revision, "dtype": str(out_dtype),
+            "positions": positions if isinstance(positions, str) else "explicit",
+            "heads": {f"blocks.{k}.attn.hook_pattern": v for k, v in heads.items()}}
+    return Capture(traces, data, axes, [p.to(torch.int64) for p in pos], meta)
+
+
+def _open_store(model, store, keys, out_dtype):
+    from thinklens.hooks.store import Store
+    if isinstance(store, Store):
+        return store
+    if not isinstance(store, str | Path):
+        raise ConfigError(f"store={store!r}; give a folder path or an open Store")
+    return Store.open(store, create={"model_name": model.name, "revision": model.revision,
+                                     "dtype": str(out_dtype).replace("torch.", ""),
+                                     "sites": keys})
+
+
+def _run_batch(model, traces, pos, sites, sentence, heads, out_dtype):
+    """One padded forward pass; returns ``{key: [per-trace tensor on CPU]}``."""
+    dev = model.device
+    lengths = [len(t) for t in traces]
+    width = max(lengths)
+    pad = model.tokenizer.pad_token_id
+    pad = pad if pad is not None else 0
+    ids = torch.full((len(traces), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(traces), width), dtype=torch.long)
+    for j, t in enumerate(traces):
+        ids[j, : len(t)] = torch.tensor(t.token_ids)
+        mask[j, : len(t)] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    rows = [p.to(dev) for p in pos]
+    got: dict[str, list] = {}
+
+    def site_hook(name):
+        def fn(x, hook):
+            y = x.permute(0, 2, 1, 3) if is_pattern_site(name) else x  # [b, pos, ...]
+            got[name] = [
+                (y[j, rows[j], :, : lengths[j]] if is_pattern_site(name) else y[j, rows[j]])
+                .detach().to("cpu", out_dtype).clone() for j in range(len(traces))]
+            return x
+        return fn
+
+    n_sent = max((len(t.sentences) for t in traces), default=0)
+    bounds = torch.zeros((len(traces), max(n_sent, 1), 2), dtype=torch.long)
+    for j, t in enumerate(traces):
+        for k, s in enumerate(t.sentences):
+            bounds[j, k] = torch.tensor([s.start, s.end])
+    bounds = bounds.to(dev)
+    sent_layers: dict[int, torch.Tensor] = {}
+
+    def pattern_hook(layer):
+        def fn(x, hook):
+            if sentence:
+                sent_layers[layer] = sentence_means(x.detach(), bounds).cpu()
+            if layer in heads:
+                key = f"blocks.{layer}.attn.hook_pattern"
+                got[key] = [x[j, heads[layer], : lengths[j], : lengths[j]].detach()
+                            .to("cpu", out_dtype).clone() for j in range(len(traces))]
+            return x
+        return fn
+
+    hooks = [(s, site_hook(s)) for s in sites]
+    pattern_layers = range(model.config.n_layers) if sentence else heads.keys()
+    hooks += [(f"blocks.{layer}.attn.hook_pattern", pattern_hook(layer))
+              for layer in pattern_layers]
+    deepest = [layer_of(s) for s in sites]
+    stop = None
+    if deepest and all(d is not None for d in deepest) and not sentence and not heads:
+        stop = max(deepest) + 1  # skip later layers and the unembedding
+        stop = None if stop >= model.config.n_layers else stop
+    with torch.no_grad(), model.hooks(hooks):
+        model.bridge(ids, attention_mask=mask, stop_at_layer=stop)
+    if sentence:
+        stacked = torch.stack([sent_layers[layer] for layer in range(model.config.n_layers)], 1)
+        got[SENTENCE_KEY] = [stacked[j, :, :, : len(t.sentences), : len(t.sentences)].clone()
+                             for j, t in enumerate(traces)]
+    return got

@@ -1,0 +1,183 @@
+"""Load any causal LM into one wrapper: a TransformerLens 4.x ``TransformerBridge`` inside.
+
+1. Resolve the spec: ``"organism"`` (bundled weights), a local folder, a ``.gguf`` file
+   (transformers' GGUF loader de-quantizes to float), or a Hugging Face name.
+2. Load the Hugging Face model and tokenizer ourselves (eager attention, so attention
+   patterns exist; ``trust_remote_code`` off unless asked).
+3. Check the architecture is one the bridge supports, then
+   ``TransformerBridge.boot_transformers(name, hf_model=..., tokenizer=...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thinklens.errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
+from thinklens.hooks.sites import canonical_sites, resolve_sites
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a model, in TransformerLens's vocabulary."""
+
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; valid: {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _hf_load(spec: str, *, dtype, device_map, revision, trust_remote_code):
+    """(hf_model, tokenizer, name) for a folder, a .gguf file or a hub name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    model_kw: dict[str, Any] = {"dtype": dtype or torch.float32,
+                                "attn_implementation": "eager", **common}
+    if device_map is not None:
+        model_kw["device_map"] = device_map
+    path = Path(spec).expanduser()
+    looks_local = spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist; give an existing folder "
+                             "with config.json, a .gguf file, a Hugging Face name, or 'organism'")
+    try:
+        if spec.endswith(".gguf"):
+            folder, file = str(path.parent), path.name
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=file, **common)
+            _check_arch_name(_gguf_arch(path), spec)
+            hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **model_kw)
+            return hf, tok, path.stem
+        src = str(path) if path.exists() else spec
+        if path.exists() and not (path / "config.json").exists():
+            raise ModelLoadError(f"folder {src!r} has no config.json; it is not a Hugging Face "
+                                 "model folder (save one with model.save_pretrained(folder))")
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(src, revision=revision, **common)
+        _check_arch_name(_arch_of(cfg), spec)
+        tok = AutoTokenizer.from_pretrained(src, revision=revision, **common)
+        hf = AutoModelForCausalLM.from_pretrained(src, revision=revision, **model_kw)
+        return hf, tok, spec
+    except (OSError, ValueError) as err:
+        if isinstance(err, ModelLoadError):
+            raise
+        raise ModelLoadError(
+            f"could not load {spec!r}: {err}. If it is a Hugging Face name, this machine may "
+            "have no access to the hub: download it elsewhere and pass the local folder."
+        ) from err
+
+
+def _arch_of(cfg) -> str:
+    archs = getattr(cfg, "architectures", None)
+    if archs:
+        return archs[0]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.model_type, type(cfg).__name__)
+
+
+def _gguf_arch(path: Path) -> str:
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    info = load_gguf_checkpoint(str(path), return_tensors=False)
+    arch = info["config"].get("model_type", "unknown")
+    return {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}.get(arch, arch)
+
+
+def supported_architectures() -> list[str]:
+    from transformer_lens.factories.architecture_adapter_factory import (
+        SUPPORTED_ARCHITECTURES,
+    )
+    return sorted(SUPPORTED_ARCHITECTURES)
+
+
+def _check_arch_name(arch: str, spec: str) -> None:
+    known = supported_architectures()
+    if arch not in known:
+        raise UnsupportedArchitectureError(
+            f"{spec!r} is a {arch!r} model, which TransformerLens's bridge does not support. "
+            f"Supported causal LMs include: {', '.join(a for a in known if 'CausalLM' in a)[:600]}…")
+
+
+def _bridge(name: str, hf, tok, *, device, dtype, device_map):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    # the bridge re-loads a tokenizer from its name unless told it already adds BOS;
+    # hand it our tokenizer as it is (thinklens tokenizes with add_special_tokens=False)
+    tok.init_kwargs.setdefault("name_or_path", name)
+    tok.init_kwargs["add_bos_token"] = True
+    kw: dict[str, Any] = {"hf_model": hf, "tokenizer": tok, "dtype": dtype}
+    if device_map is None:
+        kw["device"] = device
+    with contextlib.redirect_stdout(None):
+        bridge = TransformerBridge.boot_transformers(name, **kw)
+    bridge.eval()
+    return bridge
+
+
+def load(spec: str | Path = "organism", *, device: str | None = None,
+         dtype: str | torch.dtype | None = None, device_map: Any = None,
+         revision: str | None = None, checkpoint: int | None = None,
+         trust_remote_code: bool = False):
+    """Load a model: ``"organism"``, a folder, a ``.gguf`` file, or a Hugging Face name.
+
+    Example::
+
+        model = thinklens.load("organism")            # bundled, no download
+        model.config.n_layers, model.config.d_model     # (4, 128)
+        trace = model.think("a = 7 ; b = a + 2 ; ? b")
+    """
+    from thinklens.hooks.wrapper import Model
+
+    spec = str(spec)
+    torch_dtype = parse_dtype(dtype)
+    if device is not None and device_map is not None:
+        raise ConfigError("give device or device_map, not both (device_map places the layers "
+                          "across devices, e.g. device_map='auto')")
+    device = device or (None if device_map is not None else _default_device())
+    if checkpoint is not None and spec != "organism":
+        raise ConfigError(f"checkpoint={checkpoint} applies only to 'organism'; "
+                          "for other models pass revision=")
+    if spec == "organism":
+        from thinklens.zoo.organism import organism_folder
+        folder = organism_folder(checkpoint)
+        hf, tok, _ = _hf_load(str(folder), dtype=torch_dtype, device_map=device_map,
+                              revision=None, trust_remote_code=False)
+        name = "organism" if checkpoint is None else f"organism@{checkpoint}"
+    else:
+        hf, tok, name = _hf_load(spec, dtype=torch_dtype, device_map=device_map,
+                                 revision=revision, trust_remote_code=trust_remote_code)
+    if device_map is None:
+        hf = hf.to(device)
+    hf.eval()
+    bridge = _bridge(name, hf, tok, device=device, dtype=torch_dtype or next(hf.parameters()).dtype,
+                     device_map=device_map)
+    return Model(name=name, bridge=bridge, tokenizer=tok, revision=revision)
+
+
+__all__ = ["load", "ModelConfig", "parse_dtype", "resolve_sites", "canonical_sites",
+           "supported_architectures"]

@@ -1,0 +1,157 @@
+"""The :class:`Model` wrapper: config, tokenizer, chat template, sites, ``think``, ``capture``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from thinklens.errors import ConfigError
+from thinklens.hooks.model import ModelConfig
+from thinklens.hooks.sites import canonical_sites, resolve_sites
+
+
+class Model:
+    """A loaded model. Build it with :func:`thinklens.load`.
+
+    Attributes: ``name``, ``revision``, ``bridge`` (TransformerLens ``TransformerBridge``),
+    ``hf`` (the Hugging Face model inside), ``tokenizer``, ``config``
+    (:class:`ModelConfig`), ``device``, ``dtype``, ``site_names``, ``segmenter`` and
+    ``annotator`` (how thinking is split into sentences and tagged; ``None`` = defaults).
+    """
+
+    def __init__(self, *, name: str, bridge, tokenizer, revision: str | None = None,
+                 segmenter: Callable | None = None, annotator: Callable | None = None):
+        self.name = name
+        self.revision = revision
+        self.bridge = bridge
+        self.tokenizer = tokenizer
+        self.segmenter = segmenter
+        self.annotator = annotator
+        self.site_names, self._spelling = canonical_sites(bridge)
+        if name.startswith("organism"):
+            from thinklens.zoo.organism import organism_segmenter
+            self.segmenter = self.segmenter or organism_segmenter
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({self.name!r}, {c.architecture}, layers={c.n_layers}, heads={c.n_heads}"
+                f"/{c.n_kv_heads} kv, d_model={c.d_model}, device={self.device}, dtype={self.dtype})")
+
+    @property
+    def hf(self):
+        return self.bridge.original_model
+
+    @cached_property
+    def config(self) -> ModelConfig:
+        c = self.bridge.cfg
+        hf_cfg = self.hf.config
+        n_kv = getattr(c, "n_key_value_heads", None) or getattr(hf_cfg, "num_key_value_heads",
+                                                               None) or c.n_heads
+        arch = (getattr(hf_cfg, "architectures", None) or [type(self.hf).__name__])[0]
+        return ModelConfig(architecture=arch, n_layers=c.n_layers, n_heads=c.n_heads,
+                           n_kv_heads=int(n_kv), d_model=c.d_model, d_head=c.d_head,
+                           d_mlp=int(c.d_mlp or 0), d_vocab=c.d_vocab, n_ctx=c.n_ctx)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None)
+
+    @cached_property
+    def tokenizer_id(self) -> str:
+        from thinklens.hooks.trace import tokenizer_fingerprint
+        return tokenizer_fingerprint(self.tokenizer)
+
+    def sites(self, patterns: str | Sequence[str]) -> list[str]:
+        """Hook names or globs -> site names, e.g. ``model.sites("blocks.*.hook_resid_post")``."""
+        return resolve_sites(patterns, self.site_names, self._spelling)
+
+    # ---- text ---------------------------------------------------------------------------
+    def render_prompt(self, prompt: str) -> str:
+        """The prompt with the chat template applied and the generation prompt added."""
+        if not isinstance(prompt, str):
+            raise ConfigError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not self.chat_template:
+            return prompt
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def think(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
+              seed: int | None = None, meta: dict | None = None):
+        """Generate a reasoning trace for ``prompt`` (chat template applied).
+
+        Example::
+
+            trace = model.think("a = 7 ; b = a + 2 ; ? b", max_new_tokens=64)
+            trace.thinking_text   # 'b = a + 2 . a = 7 . b = 7 + 2 = 9 .'
+            trace.answer_text     # '9'
+        """
+        return self.think_batch([prompt], max_new_tokens=max_new_tokens,
+                                temperature=temperature, seed=seed, meta=meta)[0]
+
+    def think_batch(self, prompts: Sequence[str], *, max_new_tokens: int = 256,
+                    temperature: float = 0.0, seed: int | None = None,
+                    meta: dict | None = None):
+        """:meth:`think` for several prompts; prompts of equal token length share a batch."""
+        from thinklens.hooks.generate import generate_many
+        return generate_many(self, list(prompts), max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed, meta=meta)
+
+    # ---- capture ------------------------------------------------------------------------
+    def capture(self, traces, *, sites=(), positions: Any = "all", attention: Any = None,
+                dtype: Any = None, store: Any = None, batch_size: int = 8,
+                budget: Any = None, progress: bool | None = None):
+        """Record activations of ``traces``; see :func:`thinklens.hooks.capture.capture`."""
+        from thinklens.hooks.capture import capture
+        return capture(self, traces, sites=sites, positions=positions, attention=attention,
+                       dtype=dtype, store=store, batch_size=batch_size, budget=budget,
+                       progress=progress)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd: Sequence[tuple[str, Callable]] = (),
+              bwd: Sequence[tuple[str, Callable]] = ()) -> Iterator[Model]:
+        """Add hooks for the duration of a ``with`` block; removed in ``finally``.
+
+        Example::
+
+            with model.hooks([("blocks.1.hook_resid_post", fn)]):
+                model.bridge(tokens)
+        """
+        fwd = [(self._spelling.get(n, n), f) for n, f in fwd]
+        bwd = [(self._spelling.get(n, n), f) for n, f in bwd]
+        for n, _ in [*fwd, *bwd]:
+            self.sites(n)  # validates, with a did-you-mean
+        try:
+            with self.bridge.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+                yield self
+        finally:
+            # the bridge wires per-block helper hooks during a forward pass and unwires
+            # them at its end; a pass cut short by an exception would leave them behind
+            for block in getattr(self.bridge, "blocks", []):
+                if hasattr(block, "_teardown_capture_hooks"):
+                    block._teardown_capture_hooks()
+
+    def n_hooks(self) -> int:
+        """Hooks attached to the model's hook points (0 outside a ``hooks`` block).
+
+        Counts the PyTorch hooks on every TransformerLens hook point, where thinklens and
+        users attach theirs; transformers' and the bridge's own internal module hooks are
+        not counted.
+        """
+        points = {id(p): p for p in self.bridge.hook_dict.values()}.values()
+        return sum(len(p._forward_hooks) + len(p._forward_pre_hooks) + len(p._backward_hooks)
+                   for p in points)

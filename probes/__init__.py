@@ -1,0 +1,1 @@
+"""thinklens.probes (see the open issues; nothing public yet)."""

@@ -1,0 +1,1 @@
+"""The model zoo: the bundled organism and its task."""

@@ -1,0 +1,213 @@
+"""Train the organism: a small Llama on the variable-binding task (``thinklens organism train``).
+
+1. Every step draws a fresh batch from the task generator, seeded by ``(seed, step)``, so
+   a resumed run sees exactly the batches an uninterrupted one would.
+2. Loss is next-token cross-entropy on the completion only (thinking, answer, eos); for
+   direct examples only on the answer and eos, so the model never learns to close its
+   thinking unasked.
+3. Every ``ckpt_every`` steps: weights (safetensors) and the full training state are
+   written atomically, and loss plus held-out exact-match accuracy per depth are appended
+   to ``log.jsonl``. Held-out accuracy is teacher-forced exact match of the whole
+   completion, which equals greedy-generation exact match (greedy decoding reproduces the
+   target iff every teacher-forced argmax is right).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from thinklens.errors import ConfigError
+from thinklens.zoo.task import Problem, TaskConfig, generate
+from thinklens.zoo.vocab import SPECIALS, SYMBOLS, build_tokenizer
+
+VOCAB = {tok: i for i, tok in enumerate(SPECIALS + SYMBOLS)}
+PAD, BOS, EOS, THINK, END_THINK = (VOCAB[t] for t in
+                                   ("<pad>", "<bos>", "<eos>", "<think>", "</think>"))
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1.5e-3
+    warmup: int = 300
+    weight_decay: float = 0.01
+    direct_frac: float = 0.2
+    ckpt_every: int = 250
+    eval_per_depth: int = 200
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_mlp: int = 384
+    threads: int = 2
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.task, dict):
+            self.task = TaskConfig(**{k: tuple(v) if k == "ops" else v
+                                      for k, v in self.task.items()})
+        for name in ("steps", "batch_size", "ckpt_every", "d_model", "n_layers", "n_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+
+
+def model_config(cfg: TrainConfig) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads, max_position_embeddings=256, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+        rope_theta=10000.0, attention_bias=False, mlp_bias=False,
+    )
+
+
+def encode(p: Problem) -> tuple[list[int], int]:
+    """Token ids of the full sequence and the index of the first completion token."""
+    prompt = [BOS] + [VOCAB[t] for t in p.prompt_tokens()] + [THINK]
+    return prompt + [VOCAB[t] for t in p.completion.split()], len(prompt)
+
+
+def make_batch(problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids [b, T], attention_mask [b, T], labels [b, T])``, right-padded."""
+    rows = [encode(p) for p in problems]
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    for i, ((seq, start), p) in enumerate(zip(rows, problems)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        first = start + 1 if p.direct else start  # direct: skip the forced "</think>"
+        labels[i, first: len(seq)] = ids[i, first: len(seq)]
+    return ids, mask, labels
+
+
+def batch_problems(cfg: TrainConfig, step: int) -> list[Problem]:
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    return [generate(rng, cfg.task, direct=rng.random() < cfg.direct_frac)
+            for _ in range(cfg.batch_size)]
+
+
+def heldout(cfg: TrainConfig, depth: int, n: int, direct: bool = False) -> list[Problem]:
+    """Held-out problems: a seed stream disjoint from training's (negative offsets)."""
+    rng = random.Random(-(cfg.seed * 7919 + depth * 104729 + int(direct) + 1))
+    return [generate(rng, cfg.task, depth=depth, direct=direct) for _ in range(n)]
+
+
+@torch.no_grad()
+def exact_match(model: LlamaForCausalLM, problems: list[Problem], chunk: int = 250) -> float:
+    """Fraction of problems whose whole completion is reproduced by greedy decoding."""
+    hits = 0
+    for i in range(0, len(problems), chunk):
+        ids, mask, labels = make_batch(problems[i: i + chunk])
+        pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+        target = labels[:, 1:]
+        ok = (pred == target) | (target == -100)
+        hits += int(ok.all(dim=1).sum())
+    return hits / max(1, len(problems))
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _atomic_torch_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+    """HF-loadable folder (config + safetensors + tokenizer), written atomically."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    model.config.architectures = [type(model).__name__]
+    model.config.to_json_file(str(tmp / "config.json"))
+    build_tokenizer().save_pretrained(str(tmp))
+    if folder.exists():
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    os.replace(tmp, folder)
+
+
+def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
+    """Train (or resume) into ``out``; returns the folder of the final weights."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "train_config.json"
+    if cfg_path.exists():
+        saved = json.loads(cfg_path.read_text())
+        if saved != json.loads(json.dumps(asdict(cfg))):
+            raise ConfigError(f"{out} holds a run with another config ({cfg_path}); "
+                              "resume with the same settings or choose a new --out")
+    else:
+        cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
+    torch.set_num_threads(cfg.threads)  # fixed: float sums depend on the thread count
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(model_config(cfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98),
+                            weight_decay=cfg.weight_decay)
+    state_path, log_path = out / "state.pt", out / "log.jsonl"
+    step = 0
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="organism train", disable=not progress)
+    losses: list[float] = []
+    t0 = time.time()
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        ids, mask, labels = make_batch(batch_problems(cfg, step))
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            model.eval()
+            acc = {d: exact_match(model, heldout(cfg, d, cfg.eval_per_depth))
+                   for d in range(cfg.task.min_depth, cfg.task.max_depth + 1)}
+            direct = {d: exact_match(model, heldout(cfg, d, cfg.eval_per_depth, True))
+                      for d in range(cfg.task.min_depth, cfg.task.max_depth + 1)}
+            model.train()
+            save_weights(model, out / f"step-{step:06d}")
+            _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(),
+                                "step": step, "torch_rng": torch.get_rng_state()}, state_path)
+            row = {"step": step, "loss": sum(losses) / max(1, len(losses)),
+                   "lr": lr_at(cfg, step - 1), "acc_think": acc, "acc_direct": direct,
+                   "seconds": round(time.time() - t0, 1)}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.write(f"step {step}: loss {row['loss']:.4f} think {acc} direct {direct}")
+            losses = []
+    bar.close()
+    return out / f"step-{cfg.steps:06d}"
