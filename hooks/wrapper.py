@@ -105,11 +105,13 @@ class Model:
 
     def think_batch(self, prompts: Sequence[str], *, max_new_tokens: int = 256,
                     temperature: float = 0.0, seed: int | None = None,
-                    meta: dict | None = None):
+                    meta: dict | None = None, batch_size: int = 64,
+                    progress: bool | None = None):
         """:meth:`think` for several prompts; prompts of equal token length share a batch."""
         from thinklens.hooks.generate import generate_many
         return generate_many(self, list(prompts), max_new_tokens=max_new_tokens,
-                             temperature=temperature, seed=seed, meta=meta)
+                             temperature=temperature, seed=seed, meta=meta,
+                             batch_size=batch_size, progress=progress)
 
     # ---- capture ------------------------------------------------------------------------
     def capture(self, traces, *, sites=(), positions: Any = "all", attention: Any = None,

@@ -36,7 +36,7 @@ def qwen2_dir(tmp_path_factory) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(1)
-    cfg = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+    cfg = Qwen2Config(vocab_size=39, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=False)
     return _save_random(tmp_path_factory.mktemp("qwen2"), Qwen2ForCausalLM(cfg))
@@ -48,7 +48,7 @@ def qwen3_dir(tmp_path_factory) -> Path:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(2)
-    cfg = Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = Qwen3Config(vocab_size=39, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                       max_position_embeddings=512, tie_word_embeddings=True)
     return _save_random(tmp_path_factory.mktemp("qwen3"), Qwen3ForCausalLM(cfg))

@@ -40,7 +40,7 @@ def test_config_exposes_gqa_shape(qwen2):
     c = qwen2.config
     assert (c.architecture, c.n_layers, c.n_heads, c.n_kv_heads, c.d_model, c.d_head) == (
         "Qwen2ForCausalLM", 3, 4, 2, 64, 16)
-    assert c.d_vocab == 64 and c.d_mlp == 160
+    assert c.d_vocab == 39 and c.d_mlp == 160
     assert qwen2.device.type == "cpu" and qwen2.dtype == torch.float32
     assert "<think>" in qwen2.chat_template
 

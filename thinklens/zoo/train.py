@@ -211,3 +211,34 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
             losses = []
     bar.close()
     return out / f"step-{cfg.steps:06d}"
+
+
+def ship(run: Path, dest: Path, steps: list[int]) -> None:
+    """Copy a run's final weights and chosen checkpoints into ``dest`` as float16.
+
+    Also writes ``curve.json`` (the run's log.jsonl as a list) and ``train_config.json``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((run / "train_config.json").read_text())
+    final = cfg["steps"]
+    missing = [s for s in [*steps, final] if not (run / f"step-{s:06d}").exists()]
+    if missing:
+        have = sorted(int(p.name[5:]) for p in run.glob("step-*") if p.name[5:].isdigit())
+        raise ConfigError(f"run {run} has no checkpoint at steps {missing}; it has {have}")
+    dest.mkdir(parents=True, exist_ok=True)
+    targets = [(final, dest / "final")] + [(s, dest / "checkpoints" / f"step-{s:06d}")
+                                           for s in steps]
+    if (dest / "checkpoints").exists():
+        for old in (dest / "checkpoints").iterdir():
+            if old.name not in {t.name for _, t in targets}:
+                for f in old.iterdir():
+                    f.unlink()
+                old.rmdir()
+    for step, target in targets:
+        model = AutoModelForCausalLM.from_pretrained(str(run / f"step-{step:06d}"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(model, target, dtype=torch.float16)
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line]
+    (dest / "curve.json").write_text(json.dumps(rows, indent=0))
+    (dest / "train_config.json").write_text(json.dumps(cfg, indent=1))

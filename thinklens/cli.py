@@ -1,0 +1,129 @@
+"""The ``thinklens`` command line. Run ``thinklens --help`` or ``thinklens CMD --help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from thinklens.errors import ThinklensError
+
+DEMO_PROMPTS = [
+    "c = b + 4 ; a = 7 ; b = a - 2 ; ? c",
+    "e = 5 ; d = e + 3 ; g = 1 ; ? d",
+    "h = f - 1 ; f = k + 6 ; k = 2 ; j = 9 ; ? h",
+    "b = 4 ; ? b",
+    "l = i + 2 ; c = 8 ; i = g - 3 ; g = c + 5 ; a = 3 ; ? l",
+    "d = a * 3 ; a = 6 ; f = 0 ; ? d",
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="thinklens",
+        description="Mechanistic-interpretability workbench for reasoning models: generate "
+                    "reasoning traces, capture activations and attention, train and evaluate "
+                    "the bundled model organism.",
+        epilog="Models: 'organism' (bundled, default), a Hugging Face name, a local folder, "
+               "or a .gguf file.")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="the main job: think on a few organism problems, "
+                       "capture every layer and sentence attention into a store",
+                       description="Load a model (the bundled organism by default), think on a "
+                       "few problems, capture every layer's residual stream and per-head "
+                       "sentence×sentence attention into an on-disk store, and print a summary "
+                       "and where the output went.")
+    d.add_argument("--model", default="organism", help="model spec (default: organism)")
+    d.add_argument("--out", default="thinklens-demo", help="output folder (default: %(default)s)")
+
+    c = sub.add_parser("capture", help="generate traces for prompts and capture them to a store",
+                       description="Read prompts (JSONL: one {\"prompt\": ..., \"id\": ...} per "
+                       "line, id optional), generate a reasoning trace for each, and capture the "
+                       "chosen sites into the store at --out. Rerunning resumes: traces already "
+                       "generated or stored are not recomputed.")
+    c.add_argument("--model", default="organism", help="model spec (default: organism)")
+    c.add_argument("--prompts", required=True, help="JSONL file of prompts")
+    c.add_argument("--sites", nargs="+", default=["blocks.*.hook_resid_post"],
+                   help="hook names or globs (default: blocks.*.hook_resid_post)")
+    c.add_argument("--out", required=True, help="store folder (created or resumed)")
+    c.add_argument("--positions", default="all",
+                   help="all | thinking | sentence_ends | last | prompt | answer")
+    c.add_argument("--attention", choices=["none", "sentence"], default="none",
+                   help="also store per-head sentence×sentence mean attention")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--dtype", default=None, help="stored dtype: float32 | float16 | bfloat16")
+    c.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: auto)")
+    c.add_argument("--budget", default=None, help="memory budget, e.g. 8GB (default: 60%% of free)")
+
+    s = sub.add_parser("sites", help="list a model's site (hook) names",
+                       description="Print every site name of a model, one per line; --match "
+                       "filters with a glob.")
+    s.add_argument("--model", default="organism")
+    s.add_argument("--match", default="*")
+
+    o = sub.add_parser("organism", help="train, ship and evaluate the bundled organism",
+                       description="The organism: a small Llama trained on variable-binding "
+                       "chains with a written chain of thought (see thinklens.zoo.task).")
+    osub = o.add_subparsers(dest="ocmd", metavar="ACTION")
+    t = osub.add_parser("train", help="train (or resume) the organism",
+                        description="Deterministic given --seed; resumable: rerun the same "
+                        "command after an interruption. Writes a checkpoint every "
+                        "--ckpt-every steps and log.jsonl (loss, held-out accuracy).")
+    t.add_argument("--out", default="runs/organism")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=None, help="default: 4000")
+    t.add_argument("--batch-size", type=int, default=None, help="default: 64")
+    t.add_argument("--ckpt-every", type=int, default=None, help="default: 250")
+    sh = osub.add_parser("ship", help="copy a run's final weights and checkpoints into the package",
+                         description="Copy the final weights and the chosen checkpoints of a "
+                         "training run into thinklens/zoo/organism/ as float16 safetensors, "
+                         "with the training curve (curve.json).")
+    sh.add_argument("--run", default="runs/organism")
+    sh.add_argument("--checkpoints", default="250,750,1500,2500",
+                    help="comma-separated steps to ship beside the final weights")
+    e = osub.add_parser("eval", help="accuracy by depth, with and without thinking",
+                        description="Answer accuracy with thinking and direct (empty thinking), "
+                        "by chain depth, and the accuracy of every value the thinking writes, on "
+                        "held-out problems.")
+    e.add_argument("--model", default="organism", help="model spec (default: organism)")
+    e.add_argument("--checkpoint", type=int, default=None, help="a shipped checkpoint's step")
+    e.add_argument("--n", type=int, default=1000, help="problems per depth (default: 1000)")
+    e.add_argument("--depths", default="1,2,3,4")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None or (args.cmd == "organism" and args.ocmd is None):
+        parser.print_help() if args.cmd is None else parser.parse_args([args.cmd, "--help"])
+        return 2
+    try:
+        from thinklens import _commands
+        return getattr(_commands, args.cmd + ("_" + args.ocmd if args.cmd == "organism" else ""))(args)
+    except ThinklensError as err:
+        print(f"thinklens: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _json_lines(path: str | Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if n == len(Path(path).read_text().splitlines()):
+                    break  # a torn last line from a killed writer
+                raise
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
