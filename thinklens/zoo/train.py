@@ -6,8 +6,9 @@
    direct examples only on the answer and eos, so the model never learns to close its
    thinking unasked.
 3. Every ``ckpt_every`` steps: weights (safetensors) and the full training state are
-   written atomically, and loss plus held-out exact-match accuracy per depth are appended
-   to ``log.jsonl``. Held-out accuracy is teacher-forced exact match of the whole
+   written atomically, and loss plus held-out exact-match accuracy per depth go to
+   ``log.jsonl`` (kept inside the training state too, so a kill between the two writes
+   loses no row and duplicates none). Held-out accuracy is teacher-forced exact match of the whole
    completion, which equals greedy-generation exact match (greedy decoding reproduces the
    target iff every teacher-forced argmax is right).
 """
@@ -134,6 +135,12 @@ def _atomic_torch_save(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _write_log(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def save_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype = torch.float32) -> None:
     """HF-loadable folder (config + safetensors + tokenizer), written atomically."""
     tmp = folder.with_name(folder.name + ".tmp")
@@ -168,13 +175,19 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98),
                             weight_decay=cfg.weight_decay)
     state_path, log_path = out / "state.pt", out / "log.jsonl"
-    step = 0
+    step, rows = 0, []
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
         torch.set_rng_state(state["torch_rng"])
+        if "log" in state:
+            rows = json.loads(state["log"])
+        elif log_path.exists():  # states written before the log moved inside them
+            rows = [r for r in map(json.loads, log_path.read_text().splitlines())
+                    if r["step"] <= step]
+        _write_log(log_path, rows)  # the state is the truth: drop rows written after it
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="organism train", disable=not progress)
     losses: list[float] = []
@@ -199,14 +212,15 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
             direct = {d: exact_match(model, heldout(cfg, d, cfg.eval_per_depth, True))
                       for d in range(cfg.task.min_depth, cfg.task.max_depth + 1)}
             model.train()
-            save_weights(model, out / f"step-{step:06d}")
-            _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(),
-                                "step": step, "torch_rng": torch.get_rng_state()}, state_path)
             row = {"step": step, "loss": sum(losses) / max(1, len(losses)),
                    "lr": lr_at(cfg, step - 1), "acc_think": acc, "acc_direct": direct,
                    "seconds": round(time.time() - t0, 1)}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            rows.append(row)
+            save_weights(model, out / f"step-{step:06d}")
+            _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(),
+                                "step": step, "torch_rng": torch.get_rng_state(),
+                                "log": json.dumps(rows)}, state_path)
+            _write_log(log_path, rows)
             bar.write(f"step {step}: loss {row['loss']:.4f} think {acc} direct {direct}")
             losses = []
     bar.close()

@@ -1,0 +1,68 @@
+"""Organism training: deterministic given the seed, and resumable after a real kill."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from thinklens.errors import ConfigError
+from thinklens.zoo.train import TrainConfig, train
+
+SMALL = dict(steps=8, ckpt_every=2, batch_size=8, eval_per_depth=8, d_model=32, n_layers=1,
+             n_heads=2, d_mlp=64, threads=1)
+SCRIPT = ("import sys, time; from thinklens.zoo import train as T\n"
+          "real = T.save_weights\n"
+          "def slow(*a, **k):\n    real(*a, **k); time.sleep(0.6)\n"
+          "T.save_weights = slow\n"
+          f"T.train(T.TrainConfig(**{SMALL!r}), sys.argv[1], progress=False)\n")
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _log(folder: Path) -> list[dict]:
+    return [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref")
+    train(TrainConfig(**SMALL), out, progress=False)
+    return out
+
+
+def test_same_seed_same_weights(reference, tmp_path):
+    train(TrainConfig(**SMALL), tmp_path, progress=False)
+    a, b = _weights(reference / "step-000008"), _weights(tmp_path / "step-000008")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _log(tmp_path)]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _log(reference)]
+
+
+def test_killed_run_resumes_to_identical_weights(reference, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(out)])
+    deadline = time.time() + 120
+    while not (out / "state.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    steps_done = len(_log(out)) if (out / "log.jsonl").exists() else 0
+    assert steps_done < 4, "the kill should land before the run finished"
+    train(TrainConfig(**SMALL), out, progress=False)  # resume in this process
+    a, b = _weights(reference / "step-000008"), _weights(out / "step-000008")
+    assert all((a[k] == b[k]).all() for k in a)
+    assert [r["step"] for r in _log(out)] == [2, 4, 6, 8]
+
+
+def test_resume_with_other_config_refused(reference):
+    with pytest.raises(ConfigError, match="another config"):
+        train(TrainConfig(**{**SMALL, "seed": 1}), reference, progress=False)
