@@ -32,9 +32,10 @@ class Model:
         self.segmenter = segmenter
         self.annotator = annotator
         self.site_names, self._spelling = canonical_sites(bridge)
-        if name.startswith("organism"):
-            from thinklens.zoo.organism import organism_segmenter
+        if getattr(bridge.original_model.config, "thinklens_task", None) == "variable-binding":
+            from thinklens.zoo.organism import organism_annotator, organism_segmenter
             self.segmenter = self.segmenter or organism_segmenter
+            self.annotator = self.annotator or organism_annotator
 
     def __repr__(self) -> str:
         c = self.config

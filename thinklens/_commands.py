@@ -166,7 +166,7 @@ def organism_ship(args) -> int:
     from thinklens.zoo.train import ship
 
     steps = [int(s) for s in args.checkpoints.split(",") if s.strip()]
-    ship(Path(args.run), HERE, steps)
+    ship(Path(args.run), HERE, steps, final=args.final)
     _say(f"shipped final weights and checkpoints {steps} to {HERE}")
     return 0
 

@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("--run", default="runs/organism")
     sh.add_argument("--checkpoints", default="250,750,1500,2500",
                     help="comma-separated steps to ship beside the final weights")
+    sh.add_argument("--final", type=int, default=None,
+                    help="step to ship as the final weights (default: the run's last step)")
     e = osub.add_parser("eval", help="accuracy by depth, with and without thinking",
                         description="Answer accuracy with thinking and direct (empty thinking), "
                         "by chain depth, and the accuracy of every value the thinking writes, on "

@@ -72,3 +72,39 @@ def organism_segmenter(text: str) -> list[tuple[int, int]]:
         a = len(text) - len(tail) + (len(tail) - len(tail.lstrip()))
         out.append((a, len(text.rstrip())))
     return out
+
+
+def token_truth(trace) -> list:
+    """Ground truth per token of an organism trace: a ``TokenTruth`` or None.
+
+    Thinking tokens get the task's ground truth (:class:`~thinklens.zoo.task.TokenTruth`)
+    where the written thinking agrees with the correct thinking up to that token; tokens
+    after the first deviation, and tokens outside the thinking, get None.
+    ``source_pos`` is converted to an absolute token index of the trace.
+
+    Example::
+
+        truth = token_truth(model.think("c = b + 4 ; a = 7 ; b = a - 2 ; ? c"))
+        [t.value for t in truth if t and t.role == "result"]    # [5, 9]
+    """
+    from dataclasses import replace
+
+    from thinklens.zoo.task import problem_from_prompt
+
+    problem = problem_from_prompt(trace.prompt)
+    want, truth = problem.thinking_tokens(), problem.token_truth()
+    out: list = [None] * len(trace.token_ids)
+    start = trace.think_span.start
+    for k, tok in enumerate(trace.tokens[start: trace.think_span.end]):
+        if k >= len(want) or tok.strip() != want[k]:
+            break
+        t = truth[k]
+        out[start + k] = replace(t, source_pos=start + t.source_pos if t.source_pos >= 0 else -1)
+    return out
+
+
+def organism_annotator(sentence: str) -> str:
+    """Behaviour tag of one organism step: ``lookup`` (resolve phase: a statement copied
+    from the prompt, or the root's constant) or ``computation`` (``v = x op k = r``)."""
+    n = len(sentence.replace(".", " ").split())
+    return "computation" if n == 7 else "lookup" if n in (3, 5) else "other"

@@ -148,6 +148,7 @@ def save_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype = tor
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     model.config.architectures = [type(model).__name__]
+    model.config.thinklens_task = "variable-binding"  # marks the organism (segmentation)
     model.config.to_json_file(str(tmp / "config.json"))
     build_tokenizer().save_pretrained(str(tmp))
     if folder.exists():
@@ -227,7 +228,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
     return out / f"step-{cfg.steps:06d}"
 
 
-def ship(run: Path, dest: Path, steps: list[int]) -> None:
+def ship(run: Path, dest: Path, steps: list[int], final: int | None = None) -> None:
     """Copy a run's final weights and chosen checkpoints into ``dest`` as float16.
 
     Also writes ``curve.json`` (the run's log.jsonl as a list) and ``train_config.json``.
@@ -235,7 +236,7 @@ def ship(run: Path, dest: Path, steps: list[int]) -> None:
     from transformers import AutoModelForCausalLM
 
     cfg = json.loads((run / "train_config.json").read_text())
-    final = cfg["steps"]
+    final = final if final is not None else cfg["steps"]
     missing = [s for s in [*steps, final] if not (run / f"step-{s:06d}").exists()]
     if missing:
         have = sorted(int(p.name[5:]) for p in run.glob("step-*") if p.name[5:].isdigit())
