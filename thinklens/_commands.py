@@ -100,7 +100,7 @@ def capture(args) -> int:
                         attention=None if args.attention == "none" else args.attention,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
-                        budget=args.budget)
+                        budget=args.budget, chunk=args.chunk)
     _say(f"stored {len(store)} traces × {len(store.keys)} keys in {args.out} "
          f"({time.time() - t0:.1f} s)")
     return 0

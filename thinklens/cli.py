@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default=None, help="stored dtype: float32 | float16 | bfloat16")
     c.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: auto)")
     c.add_argument("--budget", default=None, help="memory budget, e.g. 8GB (default: 60%% of free)")
+    c.add_argument("--chunk", type=int, default=32,
+                   help="prompts per round of generation + capture; each round is saved "
+                        "before the next starts (default: 32)")
 
     s = sub.add_parser("sites", help="list a model's site (hook) names",
                        description="Print every site name of a model, one per line; --match "
@@ -76,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                         "--ckpt-every steps and log.jsonl (loss, held-out accuracy).")
     t.add_argument("--out", default="runs/organism")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", type=int, default=None, help="default: 4000")
+    t.add_argument("--steps", type=int, default=None, help="default: 3000")
     t.add_argument("--batch-size", type=int, default=None, help="default: 64")
     t.add_argument("--ckpt-every", type=int, default=None, help="default: 250")
     sh = osub.add_parser("ship", help="copy a run's final weights and checkpoints into the package",

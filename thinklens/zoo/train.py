@@ -40,7 +40,7 @@ PAD, BOS, EOS, THINK, END_THINK = (VOCAB[t] for t in
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 64
     lr: float = 1.5e-3
     warmup: int = 300
@@ -52,7 +52,7 @@ class TrainConfig:
     n_layers: int = 4
     n_heads: int = 4
     d_mlp: int = 384
-    threads: int = 2
+    threads: int = 1
     task: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:

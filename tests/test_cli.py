@@ -1,0 +1,87 @@
+"""The thinklens command line: help texts, the demo, and capture that resumes after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from thinklens.cli import main
+from thinklens.hooks.store import Store
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "thinklens.cli", *args], capture_output=True,
+                          text=True, env=env, **kw)
+
+
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["capture"], ["sites"], ["organism"],
+                                 ["organism", "train"], ["organism", "eval"],
+                                 ["organism", "ship"]])
+def test_help_explains_each_command(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: thinklens" in text and len(text) > 200
+
+
+def test_errors_are_one_line_with_fix(tmp_path, capsys):
+    assert main(["capture", "--prompts", str(tmp_path / "none.jsonl"), "--out",
+                 str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "none.jsonl" in err and "JSONL" in err
+
+
+def test_demo_writes_store_and_traces(tmp_path):
+    out = _cli("demo", "--out", str(tmp_path / "demo"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "output:" in out.stdout
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["traces"] == 6 and summary["resid_shape"][1] == 4
+    store = Store.open(tmp_path / "demo" / "store")
+    assert len(store) == 6 and "sentence_attention" in store.keys
+    assert len(list((tmp_path / "demo" / "traces").glob("*.json"))) == 6
+
+
+def _prompts(path: Path, n: int) -> Path:
+    from thinklens.zoo.evaluate import heldout_problems
+    rows = [{"id": f"p{i}", "prompt": p.prompt}
+            for i, p in enumerate(heldout_problems(3, n, seed=7))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_capture_resumes_after_kill(tmp_path):
+    prompts = _prompts(tmp_path / "p.jsonl", 12)
+    args = ["capture", "--prompts", str(prompts), "--sites", "blocks.1.hook_resid_post",
+            "--max-new-tokens", "60", "--chunk", "3"]
+    ref = _cli(*args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "thinklens.cli", *args, "--out", str(out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "manifest.json").exists() and len(Store.open(out, verify="none")) >= 3:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    before = len(Store.open(out))
+    assert 3 <= before < 12, "the kill should land mid-run"
+    again = _cli(*args, "--out", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = Store.open(tmp_path / "ref"), Store.open(out)
+    assert a.trace_ids == b.trace_ids
+    torch.testing.assert_close(a["blocks.1.hook_resid_post"].values,
+                               b["blocks.1.hook_resid_post"].values, atol=0, rtol=0)
+    assert not (out / "pending-traces.jsonl").exists()
