@@ -257,9 +257,10 @@ def _open_store(model, store, keys, out_dtype):
         return store
     if not isinstance(store, str | Path):
         raise ConfigError(f"store={store!r}; give a folder path or an open Store")
-    return Store.open(store, create={"model_name": model.name, "revision": model.revision,
-                                     "dtype": str(out_dtype).replace("torch.", ""),
-                                     "sites": keys})
+    # sizes and headers only: hashing every existing shard on each resume costs a full read
+    return Store.open(store, verify="size",
+                      create={"model_name": model.name, "revision": model.revision,
+                              "dtype": str(out_dtype).replace("torch.", ""), "sites": keys})
 
 
 def _run_batch(model, traces, pos, sites, sentence, heads, out_dtype):
