@@ -8,10 +8,9 @@
 3. Forward hooks (scoped, removed in ``finally``) copy each site's rows at the chosen
    positions. Attention is reduced while the pass runs, one layer at a time:
    ``attention="sentence"`` averages every head's pattern into a sentence×sentence
-   matrix (Thought Anchors, Bogdan et al. 2025: ``A[i, j]`` = mean over the query
-   tokens of sentence i of the summed attention to the key tokens of sentence j, divided
-   by the key count: the mean token-to-token weight), using cumulative sums along both axes so the cost is that
-   of reading the pattern once; a list of ``(layer, head)`` keeps those heads' full
+   matrix (Thought Anchors, Bogdan et al. 2025: ``A[i, j]`` = the mean token-to-token
+   weight from the tokens of sentence i to those of sentence j), summed with
+   ``index_add_`` so the cost is about that of reading the pattern once; a list of ``(layer, head)`` keeps those heads' full
    patterns. The full patterns of all layers are never held at once.
 4. Results go to a :class:`Capture` (memory) or are appended batch by batch to a
    :class:`~thinklens.hooks.store.Store`, skipping traces it already holds.
@@ -92,7 +91,18 @@ def _parse_attention(attention: Any, cfg) -> tuple[bool, dict[int, list[int]]]:
 
 
 def _site_shapes(model, sites: list[str]) -> dict[str, tuple[int, ...]]:
-    """Trailing shape per token of every site, from a 2-token dry run (keys not counted)."""
+    """Trailing shape per token of every site, from a 2-token dry run (keys not counted).
+
+    Shapes never change for a model: the dry run happens once per site, then is cached.
+    """
+    cache = model.__dict__.setdefault("_site_shape_cache", {})
+    missing = [s for s in sites if s not in cache]
+    if missing:
+        cache.update(_dry_run_shapes(model, missing))
+    return {s: cache[s] for s in sites}
+
+
+def _dry_run_shapes(model, sites: list[str]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
 
     def rec(name):
@@ -153,25 +163,29 @@ def sentence_means(pattern: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     """Per-head sentence×sentence mean attention of one layer.
 
     ``pattern`` is ``[batch, head, query, key]``; ``bounds`` is ``[batch, sentence, 2]``
-    token spans (``start == end == 0`` pads). Returns ``[batch, head, sentence, sentence]``
+    token spans (``start == end`` pads). Returns ``[batch, head, sentence, sentence]``
     float32: ``out[b, h, i, j]`` = mean over query tokens of sentence i and key tokens of
-    sentence j of ``pattern[b, h, q, k]``.
+    sentence j of ``pattern[b, h, q, k]``. Sums are taken with ``index_add_`` (each
+    token adds into its sentence's row; tokens outside every sentence into a discarded
+    one), so no second ``T × T`` buffer is made.
     """
-    b, n_heads, _, _ = pattern.shape
-    start, end = bounds[..., 0], bounds[..., 1]  # [b, S]
-    count = (end - start).clamp(min=1).to(torch.float64)
-    out = []
-    for h in range(n_heads):  # one head at a time: one extra [b, T, T] buffer, not n_heads
-        c = torch.nn.functional.pad(pattern[:, h].to(torch.float32).cumsum(-1), (1, 0))
-        idx_e = end[:, None, :].expand(b, c.shape[1], -1)
-        idx_s = start[:, None, :].expand(b, c.shape[1], -1)
-        keysum = (c.gather(2, idx_e) - c.gather(2, idx_s)).to(torch.float64)  # [b, T, S]
-        d = torch.nn.functional.pad(keysum.cumsum(1), (0, 0, 1, 0))         # [b, T+1, S]
-        qe = end[:, :, None].expand(-1, -1, d.shape[2])
-        qs = start[:, :, None].expand(-1, -1, d.shape[2])
-        qsum = d.gather(1, qe) - d.gather(1, qs)                             # [b, S, S]
-        out.append(qsum / count[:, :, None] / count[:, None, :])
-    return torch.stack(out, 1).to(torch.float32)
+    b, n_heads, t_q, t_k = pattern.shape
+    n_sent = bounds.shape[1]
+    dev = pattern.device
+    out = torch.zeros((b, n_heads, n_sent, n_sent), dtype=torch.float32, device=dev)
+    pos = torch.arange(max(t_q, t_k), device=dev)
+    for j in range(b):
+        start, end = bounds[j, :, 0], bounds[j, :, 1]
+        inside = (pos[:, None] >= start[None, :]) & (pos[:, None] < end[None, :])  # [T, S]
+        sent = torch.where(inside.any(1), inside.float().argmax(1), n_sent)      # [T]
+        count = (end - start).clamp(min=1).to(torch.float32)
+        p = pattern[j].to(torch.float32)                                          # [H, T, T]
+        rows = torch.zeros((n_heads, n_sent + 1, t_k), dtype=torch.float32, device=dev)
+        rows.index_add_(1, sent[:t_q], p)
+        both = torch.zeros((n_heads, n_sent + 1, n_sent + 1), dtype=torch.float32, device=dev)
+        both.index_add_(2, sent[:t_k], rows)
+        out[j] = both[:, :n_sent, :n_sent] / count[:, None] / count[None, :]
+    return out
 
 
 def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any = None,
@@ -283,8 +297,9 @@ def _run_batch(model, traces, pos, sites, sentence, heads, out_dtype):
         def fn(x, hook):
             y = x.permute(0, 2, 1, 3) if is_pattern_site(name) else x  # [b, pos, ...]
             got[name] = [
+                # advanced indexing already copies: no further clone
                 (y[j, rows[j], :, : lengths[j]] if is_pattern_site(name) else y[j, rows[j]])
-                .detach().to("cpu", out_dtype).clone() for j in range(len(traces))]
+                .detach().to("cpu", out_dtype) for j in range(len(traces))]
             return x
         return fn
 

@@ -82,7 +82,7 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     """Steps 4 and 5."""
     tmp = folder / (_MANIFEST + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
+        f.write(json.dumps(manifest, separators=(",", ":")))  # compact: C encoder, small
         f.flush()
         os.fsync(f.fileno())
     _replace_durably(tmp, folder / _MANIFEST)
@@ -368,7 +368,11 @@ class Store(ActivationReader):
         return [Trace.from_dict(d) for d in self.trace_dicts]
 
     def __contains__(self, trace_id: object) -> bool:
-        return trace_id in set(self.trace_ids)
+        ids = self.__dict__.get("_id_cache")
+        if ids is None or ids[0] is not self._m:  # rebuilt only when the manifest changes
+            ids = (self._m, {t["id"] for t in self._m["traces"]})
+            self.__dict__["_id_cache"] = ids
+        return trace_id in ids[1]
 
     def __len__(self) -> int:
         return len(self._m["traces"])
