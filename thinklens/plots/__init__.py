@@ -1,0 +1,10 @@
+"""thinklens.plots: figures of traces and attention; each takes data and returns a go.Figure.
+
+Nothing here shows a figure or writes a file: call ``fig.show()`` in a notebook, or
+:func:`thinklens.figures.export` for a paper. Every figure uses :mod:`thinklens.theme`.
+"""
+
+from thinklens.plots.attention import plot_attention, plot_sentence_attention
+from thinklens.plots.trace import plot_trace
+
+__all__ = ["plot_attention", "plot_sentence_attention", "plot_trace"]
