@@ -60,10 +60,13 @@ def test_generated_problems_are_consistent():
         q = problem_from_prompt(p.prompt)
         assert (q.chain, q.values, q.thinking) == (p.chain, p.values, p.thinking)
         on_chain = set(p.chain)
-        # distractors are never on the asked chain: nothing on the chain reads them
+        # distractors are never on the asked chain: nothing on the chain reads them,
+        # and they never read a chain variable
         for s in p.statements:
             if s.var in on_chain and s.src is not None:
                 assert s.src in on_chain
+            if s.var not in on_chain:
+                assert s.src is None or s.src not in on_chain
         assert len({s.var for s in p.statements}) == len(p.statements)
         truth = p.token_truth()
         toks = p.thinking_tokens()

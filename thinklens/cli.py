@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                         "--ckpt-every steps and log.jsonl (loss, held-out accuracy).")
     t.add_argument("--out", default="runs/organism")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", type=int, default=None, help="default: 3000")
+    t.add_argument("--steps", type=int, default=None, help="default: 2500")
     t.add_argument("--batch-size", type=int, default=None, help="default: 64")
     t.add_argument("--ckpt-every", type=int, default=None, help="default: 250")
     sh = osub.add_parser("ship", help="copy a run's final weights and checkpoints into the package",
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                          "training run into thinklens/zoo/organism/ as float16 safetensors, "
                          "with the training curve (curve.json).")
     sh.add_argument("--run", default="runs/organism")
-    sh.add_argument("--checkpoints", default="250,750,1500,2500",
+    sh.add_argument("--checkpoints", default="250,750,1250,2000",
                     help="comma-separated steps to ship beside the final weights")
     sh.add_argument("--final", type=int, default=None,
                     help="step to ship as the final weights (default: the run's last step)")

@@ -40,7 +40,7 @@ PAD, BOS, EOS, THINK, END_THINK = (VOCAB[t] for t in
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 3000
+    steps: int = 2500
     batch_size: int = 64
     lr: float = 1.5e-3
     warmup: int = 300
