@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                          "training run into thinklens/zoo/organism/ as float16 safetensors, "
                          "with the training curve (curve.json).")
     sh.add_argument("--run", default="runs/organism")
-    sh.add_argument("--checkpoints", default="250,750,1250,2000",
+    sh.add_argument("--checkpoints", default="250,750,1000,1500",
                     help="comma-separated steps to ship beside the final weights")
     sh.add_argument("--final", type=int, default=None,
                     help="step to ship as the final weights (default: the run's last step)")

@@ -6,5 +6,6 @@ Nothing here shows a figure or writes a file: call ``fig.show()`` in a notebook,
 
 from thinklens.plots.attention import plot_attention, plot_sentence_attention
 from thinklens.plots.trace import plot_trace
+from thinklens.plots.training import plot_training_curve
 
-__all__ = ["plot_attention", "plot_sentence_attention", "plot_trace"]
+__all__ = ["plot_attention", "plot_sentence_attention", "plot_trace", "plot_training_curve"]
