@@ -1,1 +1,38 @@
-"""thinklens.probes (see the open issues; nothing public yet)."""
+"""thinklens.probes: probe data sets, batched linear probes and sweeps, the logit lens,
+"when does it know" answer probes, answer-correctness probes with early exit, and
+steering vectors.
+
+The ``thinklens probe CONFIG.toml`` batch command and the probe figures are not built yet.
+"""
+
+from thinklens.probes import metrics
+from thinklens.probes.correctness import (
+    CorrectnessResult,
+    EarlyExitCurve,
+    chunk_thinking,
+    correctness_probe,
+    early_exit_curve,
+)
+from thinklens.probes.data import ProbeData, class_balance, group_split, probe_data
+from thinklens.probes.lens import (
+    AnswerProbeResult,
+    LensResult,
+    answer_probe,
+    lens_logits,
+    logit_lens,
+)
+from thinklens.probes.linear import ProbeResult, fit_probe
+from thinklens.probes.steering import (
+    DoseResponse,
+    SteeringVector,
+    dose_response,
+    steer,
+    steering_vector,
+)
+from thinklens.probes.sweep import SweepResult, sweep
+
+__all__ = ["ProbeData", "probe_data", "group_split", "class_balance", "fit_probe", "ProbeResult",
+           "sweep", "SweepResult", "metrics", "logit_lens", "lens_logits", "LensResult",
+           "answer_probe", "AnswerProbeResult", "correctness_probe", "CorrectnessResult",
+           "early_exit_curve", "EarlyExitCurve", "chunk_thinking", "steering_vector",
+           "SteeringVector", "steer", "dose_response", "DoseResponse"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from thinklens.errors import ConfigError
-from thinklens.hooks.trace import Sentence, Span
+from thinklens.hooks.trace import Sentence, Span, Trace
 from thinklens.probes.correctness import chunk_thinking, correctness_probe, early_exit_curve
 from thinklens.probes.lens import answer_probe, lens_logits, logit_lens
 from thinklens.probes.steering import dose_response, steer, steering_vector
@@ -55,6 +55,20 @@ def test_lens_last_layer_is_the_models_output(organism, solved):
     assert_close(mine, ref, atol=1e-4)
 
 
+def test_lens_on_a_qwen2_shape_matches_its_logits(qwen2):
+    trace = Trace.from_text(qwen2, "b = a + 2 ; a = 7 ; ? b",
+                            "b = a + 2 . a = 7 . b = 7 + 2 = 9 . </think> 9 <eos>")
+    lens = logit_lens(qwen2, trace, layers=[0, -1])
+    assert lens.layers == ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
+    with torch.no_grad():
+        logp = qwen2.hf(torch.tensor([trace.token_ids])).logits[0].float().log_softmax(-1)
+    nine = lens.answer_ids[0]
+    rows = trace.think_span.range
+    assert lens.answer_tokens == ["9"]
+    assert_close(lens.prob[0, -1].log(), logp[rows.start:rows.stop, nine], atol=1e-4)
+    assert qwen2.n_hooks() == 0
+
+
 def test_lens_shapes_and_padding(organism, solved):
     lens = logit_lens(organism, solved.traces[:6])
     n_layers = organism.config.n_layers + 1
@@ -95,10 +109,10 @@ def test_lens_rejects_bad_input(organism, solved):
 
 
 def test_answer_probe_reads_the_answer_late_not_early(organism, solved):
-    res = answer_probe(organism, solved.traces, n_bins=5, layers=[0, -1])
-    assert res.axes == ("layer", "bin") and res.accuracy.shape == (2, 5)
-    assert res.bins == ["0%", "25%", "50%", "75%", "100%"]
-    assert res.control.shape == res.accuracy.shape and res.chance.shape == (5,)
+    res = answer_probe(organism, solved.traces, n_bins=3, layers=[0, -1])
+    assert res.axes == ("layer", "bin") and res.accuracy.shape == (2, 3)
+    assert res.bins == ["0%", "50%", "100%"]
+    assert res.control.shape == res.accuracy.shape and res.chance.shape == (3,)
     assert ((res.accuracy >= 0) & (res.accuracy <= 1)).all()
     assert_close(res.selectivity, res.accuracy - res.control, atol=0)
     # at 100% (the closing tag, which predicts the answer) the last layer reads it off;
@@ -106,9 +120,9 @@ def test_answer_probe_reads_the_answer_late_not_early(organism, solved):
     assert res.accuracy[-1, -1] >= 0.8 * sum(solved.ok) / len(solved.ok), res.accuracy
     assert res.accuracy[-1, -1] >= res.control[-1, -1] + 0.4, (res.accuracy, res.control)
     assert res.accuracy[:, 0].max() <= res.chance[0] + 0.15, res.accuracy
-    by_sentence = answer_probe(organism, solved.traces, by="sentence", layers=[-1])
-    assert by_sentence.bins[:2] == ["sentence 0", "sentence 1"]
-    assert by_sentence.n_test[0] >= by_sentence.n_test[-1]
+    depth2 = answer_probe(organism, solved.traces[24:48], by="sentence", layers=[-1])
+    assert depth2.bins == ["sentence 0", "sentence 1", "sentence 2"]  # 2 lookups, 1 computation
+    assert (depth2.n_test == depth2.n_test[0]).all()
 
 
 # ---- correctness probe and early exit --------------------------------------------------

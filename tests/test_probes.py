@@ -203,6 +203,19 @@ def test_probe_data_rows_are_the_captured_tokens(organism_run):
         probe_data(cap, SITES, lambda tr, i: 0, level="trace")
 
 
+def test_probe_data_reads_a_store_like_a_capture(organism, organism_run, tmp_path):
+    cap, _ = organism_run
+    traces = cap.traces[150:170]  # depths 3 and 4: several compute steps each
+    got = []
+    for store in (None, tmp_path / "acts"):
+        acts = organism.capture(traces, sites=SITES, positions="thinking", store=store,
+                                progress=False)
+        got.append(probe_data(acts, SITES, computed_value([token_truth(t) for t in traces])))
+    assert len(got[0]) >= 20
+    for field in ("X", "y", "groups", "positions"):
+        assert torch.equal(getattr(got[0], field), getattr(got[1], field)), field
+
+
 def test_organism_computed_value_is_linearly_decodable(organism_run):
     cap, truth = organism_run
     res = sweep(cap, SITES, computed_value(truth), positions=[0], n_boot=200)
