@@ -2,7 +2,8 @@
 "when does it know" answer probes, answer-correctness probes with early exit, and
 steering vectors.
 
-The ``thinklens probe CONFIG.toml`` batch command and the probe figures are not built yet.
+Figures of these results are in :mod:`thinklens.plots`. The ``thinklens probe CONFIG.toml``
+batch command is not built yet.
 """
 
 from thinklens.probes import metrics
