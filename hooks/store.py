@@ -39,7 +39,6 @@ their trace ids are then no longer stored, so a rerun recomputes them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -55,6 +54,7 @@ from torch import Tensor
 
 from thinklens.errors import ConfigError, SiteError, StoreError, did_you_mean
 
+from ._fileio import replace_durably, sha256
 from .activations import ActivationReader
 
 POSITIONS = "__positions__"
@@ -67,17 +67,6 @@ _VERIFY = ("hash", "size", "none")
 Record = tuple[str, dict, dict[str, Tensor]]
 
 
-def _replace_durably(tmp: Path, final: Path) -> None:
-    """Steps 3 and 5: move a complete, fsynced temp file to its final name."""
-    os.replace(tmp, final)
-    if os.name == "posix":  # Windows cannot open folders; its renames need no folder fsync
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     """Steps 4 and 5."""
     tmp = folder / (_MANIFEST + ".tmp")
@@ -85,15 +74,7 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         f.write(json.dumps(manifest, separators=(",", ":")))  # compact: C encoder, small
         f.flush()
         os.fsync(f.fileno())
-    _replace_durably(tmp, folder / _MANIFEST)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    replace_durably(tmp, folder / _MANIFEST)
 
 
 def _check_create(create: Any) -> dict[str, Any]:
@@ -210,7 +191,7 @@ class Store(ActivationReader):
                  for k in t["rows"]}
         if 8 + n + end != size or not names <= header.keys():
             return f"expected {sorted(names)[:3]}… ending at byte {size}, found a different header"
-        if verify == "hash" and (found := _sha256(file)) != entry["sha256"]:
+        if verify == "hash" and (found := sha256(file)) != entry["sha256"]:
             return f"expected sha256 {entry['sha256'][:16]}…, found {found[:16]}… (altered)"
         return None
 
@@ -256,9 +237,9 @@ class Store(ActivationReader):
         save_file(tensors, tmp, metadata={"format": "pt"})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        shard = {"file": name, "sha256": _sha256(tmp), "bytes": tmp.stat().st_size,
+        shard = {"file": name, "sha256": sha256(tmp), "bytes": tmp.stat().st_size,
                  "trace_ids": [e["id"] for e in entries]}
-        _replace_durably(tmp, final)
+        replace_durably(tmp, final)
         self._commit({**self._m, "axes": {**self._m["axes"], **new_axes},
                       "shards": [*self._m["shards"], shard], "traces": [*self._m["traces"], *entries]})
         return len(entries)

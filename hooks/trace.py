@@ -29,7 +29,6 @@ import hashlib
 import json
 import operator
 import os
-import tempfile
 import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -41,6 +40,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from thinklens.errors import ConfigError, PositionError, TokenizerMismatchError, did_you_mean
+from thinklens.hooks._fileio import atomic_write_text
 from thinklens.hooks.segment import (
     Annotator,
     Segmenter,
@@ -192,7 +192,7 @@ class Trace:
             raise ConfigError(f"trace meta {self.meta!r} is not JSON-serializable ({e}); "
                               "keep meta values to str, numbers, bools, lists and dicts") from e
         if path is not None:
-            _atomic_write(Path(path), s)
+            atomic_write_text(Path(path), s)
         return s
 
     @classmethod
@@ -229,19 +229,6 @@ class Trace:
                            think_close=getattr(model, "think_close", None) or "</think>",
                            segmenter=getattr(model, "segmenter", None),
                            annotator=getattr(model, "annotator", None), meta=meta)
-
-
-def _atomic_write(path: Path, s: str) -> None:
-    if not path.parent.is_dir():
-        raise ConfigError(f"cannot write {str(path)!r}: no folder {str(path.parent)!r}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(s)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _FINGERPRINTS: dict[int, tuple[weakref.ref[Any], int, str]] = {}

@@ -54,7 +54,7 @@ def _stop_at(stop: str, occurrence: int) -> None:
         if line == stop and seen[line] == occurrence:
             time.sleep(60)
 
-    replace = store_module._replace_durably
+    replace = store_module.replace_durably
 
     def announced_replace(tmp: Path, final: Path) -> None:
         step(f"replace {final.name}")
@@ -68,7 +68,7 @@ def _stop_at(stop: str, occurrence: int) -> None:
             step(f"half-written {Path(filename).name}")
             f.write(data[len(data) // 2:])
 
-    store_module._replace_durably = announced_replace
+    store_module.replace_durably = announced_replace
     store_module.save_file = save_in_two_halves
 
 
