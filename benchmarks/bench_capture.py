@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-import warnings
 
 import torch
 from common import (
@@ -37,7 +36,7 @@ from common import (
     print_profile,
     profile,
     save,
-    setup_threads,
+    start,
     summary,
     table,
 )
@@ -180,10 +179,7 @@ def agreement(last, model) -> dict[str, float]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.model == str(SMOLLM2_GGUF) and not SMOLLM2_GGUF.exists():
-        raise SystemExit(f"no {SMOLLM2_GGUF}; fetch it with:\n  {SMOLLM2_FETCH}")
-    setup_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    start(args)
     import nnsight
 
     print(f"loading {args.model} ...", flush=True)

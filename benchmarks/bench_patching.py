@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import torch
 from common import (
@@ -27,7 +26,7 @@ from common import (
     print_profile,
     profile,
     save,
-    setup_threads,
+    start,
     summary,
     table,
 )
@@ -59,10 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.model == str(SMOLLM2_GGUF) and not SMOLLM2_GGUF.exists():
-        raise SystemExit(f"no {SMOLLM2_GGUF}; fetch it with:\n  {SMOLLM2_FETCH}")
-    setup_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    start(args)
     from transformer_lens import patching as tlp
 
     import thinklens

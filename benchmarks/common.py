@@ -71,6 +71,16 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
+def start(args) -> None:
+    """Common start of a SmolLM2 benchmark: the model file exists, threads set, quiet."""
+    import warnings
+
+    if args.model == str(SMOLLM2_GGUF) and not SMOLLM2_GGUF.exists():
+        raise SystemExit(f"no {SMOLLM2_GGUF}; fetch it with:\n  {SMOLLM2_FETCH}")
+    setup_threads(args.threads)
+    warnings.filterwarnings("ignore")
+
+
 def setup_threads(threads: int | None) -> None:
     """Pin torch's intra-op threads (1 by default: the machine is shared)."""
     if threads:

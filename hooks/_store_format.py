@@ -1,0 +1,60 @@
+"""The store's on-disk format: names, dtypes, the manifest's validation and reading."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thinklens.errors import ConfigError, StoreError
+
+POSITIONS = "__positions__"
+_FORMAT, _VERSION, _MANIFEST = "thinklens.store", 1, "manifest.json"
+_SHARD = re.compile(r"shard-(\d{6,})\.safetensors")
+_DTYPES = {"float64": torch.float64, "float32": torch.float32,
+           "float16": torch.float16, "bfloat16": torch.bfloat16}
+_VERIFY = ("hash", "size", "none")
+
+
+def _check_create(create: Any) -> dict[str, Any]:
+    """Validate ``create=`` and split it into the manifest's fields plus ``meta``."""
+    need = ("model_name", "revision", "dtype", "sites")
+    if not isinstance(create, dict) or any(k not in create for k in need):
+        raise ConfigError(f"create must be a dict with {list(need)}, got {create!r}; e.g. "
+                          "{'model_name': 'organism', 'revision': None, 'dtype': 'float32', "
+                          "'sites': ['blocks.0.hook_resid_post']}")
+    meta = {k: v for k, v in create.items() if k not in need}
+    name, revision, dtype, sites = (create[k] for k in need)
+    dtype = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype {create['dtype']!r} cannot be stored; use one of {list(_DTYPES)}")
+    if not isinstance(name, str) or not name or not isinstance(revision, str | None):
+        raise ConfigError(f"model_name must be a non-empty string and revision a string or "
+                          f"None, got {name!r} and {revision!r}")
+    if (isinstance(sites, str) or not isinstance(sites, Sequence) or not sites
+            or not all(isinstance(s, str) and s != POSITIONS for s in sites)):
+        raise ConfigError(f"sites must be a non-empty list of hook names, got {sites!r}")
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"create's extra fields {sorted(meta)} must be JSON-able ({e})") from e
+    return {"model_name": name, "revision": revision, "dtype": dtype,
+            "sites": list(dict.fromkeys(sites)), "meta": meta}
+
+
+def _load_manifest(file: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise StoreError(f"cannot read '{file}' ({e}); it is only ever replaced whole, so it was "
+                         "damaged outside thinklens: restore it or use a new --out folder") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise StoreError(f"'{file}' is not a thinklens store manifest; use a new --out folder")
+    if manifest.get("version", 0) > _VERSION:
+        raise StoreError(f"'{file}' has format version {manifest['version']}, newer than this "
+                         f"thinklens reads ({_VERSION}); upgrade thinklens")
+    return manifest
