@@ -87,6 +87,23 @@ class SweepResult:
         k = int(g.argmax())
         return self.positions[k // g.shape[1]], self.sites[k % g.shape[1]]
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tensors as nested lists); :meth:`from_dict` restores it."""
+        lists = {name: {k: v.tolist() for k, v in getattr(self, name).items()}
+                 for name in ("metrics", "train", "control", "ci")}
+        return {"sites": self.sites, "positions": self.positions, "task": self.task,
+                "classes": self.classes, **lists, "selectivity": self.selectivity.tolist(),
+                "n_train": self.n_train, "n_test": self.n_test,
+                "n_test_traces": self.n_test_traces}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepResult:
+        t = {name: {k: torch.tensor(v) for k, v in d[name].items()}
+             for name in ("metrics", "train", "control", "ci")}
+        return cls(d["sites"], d["positions"], d["task"], d["classes"], t["metrics"],
+                   t["train"], t["control"], t["ci"], torch.tensor(d["selectivity"]),
+                   d["n_train"], d["n_test"], d["n_test_traces"])
+
     def table(self, position: int = 0) -> str:
         """Markdown table, site x metric, at the ``position``-th position of the sweep."""
         names = [*self.metrics, "control", "selectivity"]

@@ -188,3 +188,10 @@ def organism_eval(args) -> int:
         _say(f"({model.name}, {args.n} held-out problems per depth, {time.time() - t0:.0f} s)")
     return 0
 
+
+
+def probe(args) -> int:
+    from thinklens.probes.job import run_study
+
+    run_study(args.config, progress=not args.no_progress)
+    return 0

@@ -19,6 +19,26 @@ DEMO_PROMPTS = [
 ]
 
 
+PROBE_EXAMPLE = """example STUDY.toml (every key: python -c 'import thinklens.probes.jobconfig as c; help(c)'):
+
+  out = "runs/value-study"              # relative to the TOML file
+  [model]
+  spec = "organism"                     # or a Hugging Face name / folder / .gguf
+  [prompts]
+  organism = {n = 64, depths = [2, 3, 4]}   # or: file = "prompts.jsonl"
+  [generate]
+  max_new_tokens = 96
+  [capture]
+  sites = ["blocks.*.hook_resid_post"]
+  positions = "thinking"
+  [[probe]]
+  name = "value"
+  labels = "organism.value"             # organism.answer | organism.variable | answer | tag | field:KEY
+  [output]
+  figures = ["html", "svg"]
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="thinklens",
@@ -62,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--chunk", type=int, default=32,
                    help="prompts per round of generation + capture; each round is saved "
                         "before the next starts (default: 32)")
+
+    pr = sub.add_parser(
+        "probe", help="run a probing study from a TOML file: prompts -> traces -> store -> "
+        "probes -> results JSON + figures",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run (or resume) the probing study described in CONFIG.toml: think on the "
+        "prompts, capture the sites into OUT/store, fit every [[probe]] (all layers at once, "
+        "with a shuffled-label control and bootstrap intervals) and write OUT/results.json, "
+        "OUT/results/NAME.json and OUT/figures/. Rerunning after an interruption redoes "
+        "nothing finished. Sharded: torchrun --nproc-per-node N -m thinklens probe CONFIG.toml",
+        epilog=PROBE_EXAMPLE)
+    pr.add_argument("config", help="study file (TOML); keys: see the example below")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     s = sub.add_parser("sites", help="list a model's site (hook) names",
                        description="Print every site name of a model, one per line; --match "

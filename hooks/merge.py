@@ -1,0 +1,93 @@
+"""Merge activation stores: the shards of a sharded (``torchrun``) job into one store.
+
+Each rank of a sharded job captures its slice of the traces into a store of its own
+(:mod:`thinklens.hooks.store`); :func:`merge_stores` copies them into one destination
+store, in a given trace order (the order of the prompts file, so a sharded run and a
+single-process run give the same store). The destination is written with the store's
+ordinary atomic ``append``, one source shard at a time, so a merge killed midway resumes:
+traces already in the destination are skipped, never copied twice.
+
+Sources must hold the same model, revision, dtype and sites; tensors are copied as they
+are (no re-computation, no dtype change).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from thinklens.errors import StoreError
+
+from .store import Store
+
+
+def _compatible(stores: list[Store]) -> dict:
+    first = stores[0]
+    spec = {"model_name": first.model_name, "revision": first.revision,
+            "dtype": str(first.dtype).removeprefix("torch."), "sites": first.sites,
+            **first.meta}
+    for s in stores[1:]:
+        for name in ("model_name", "revision", "dtype", "sites"):
+            a, b = getattr(first, name), getattr(s, name)
+            if a != b:
+                raise StoreError(f"cannot merge '{s.path}' into '{first.path}': {name} is {b!r} "
+                                 f"there and {a!r} here; merge stores of one capture config")
+    return spec
+
+
+def merge_stores(sources: Sequence[str | os.PathLike | Store], dest: str | os.PathLike, *,
+                 order: Sequence[str] | None = None, progress: bool | None = None) -> Store:
+    """Copy every trace of ``sources`` into the store at ``dest`` (created if absent).
+
+    ``order``: trace ids in the order the destination should hold them (default: the
+    sources' order, one after the other); ids already in ``dest`` are skipped; an id in
+    ``order`` that no source holds is an error. Returns the destination store.
+
+    Example::
+
+        merged = merge_stores(["out/shards/rank0", "out/shards/rank1"], "out/store",
+                              order=[pid for pid, _ in prompts])
+    """
+    srcs = [s if isinstance(s, Store) else Store.open(s, verify="size") for s in sources]
+    if not srcs:
+        raise StoreError("merge_stores needs at least one source store")
+    spec = _compatible(srcs)
+    out = Store.open(dest, create=spec)
+    _compatible([out, *srcs])
+    where: dict[str, tuple[Store, dict]] = {}
+    for s in srcs:
+        for entry in s._m["traces"]:
+            where.setdefault(entry["id"], (s, entry))
+    order = list(order) if order is not None else list(where)
+    missing = [tid for tid in order if tid not in where and tid not in out]
+    if missing:
+        raise StoreError(f"{len(missing)} trace id(s) are in neither the sources nor '{dest}' "
+                         f"(first: {missing[:3]}); capture them first")
+    todo = [tid for tid in order if tid not in out]
+    # one append per run of consecutive traces from the same source shard
+    runs: list[list[str]] = []
+    for tid in todo:
+        s, e = where[tid]
+        key = (id(s), e["shard"])
+        if runs and runs[-1][0] == key:
+            runs[-1][1].append(tid)
+        else:
+            runs.append([key, [tid]])
+    bar = tqdm(total=len(todo), desc="merging stores", unit="trace",
+               disable=not (progress if progress is not None else len(runs) > 4))
+    for _, ids in runs:
+        s, first = where[ids[0]]
+        records = []
+        with safe_open(Path(s.path) / first["shard"], framework="pt") as f:
+            for tid in ids:
+                e = where[tid][1]
+                records.append((tid, e["trace"], {k: f.get_tensor(f"{k}/{e['n']}")
+                                                  for k in e["rows"]}))
+        out.append(records, axes=s.axes)
+        bar.update(len(ids))
+    bar.close()
+    return out
