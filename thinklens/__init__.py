@@ -17,9 +17,16 @@ from thinklens.hooks.model import ModelConfig, load
 from thinklens.hooks.store import Store
 from thinklens.hooks.trace import Trace
 from thinklens.hooks.wrapper import Model
-from thinklens.plots import plot_attention, plot_sentence_attention, plot_trace
+from thinklens.plots import (
+    plot_attention,
+    plot_attribution_scatter,
+    plot_head_grid,
+    plot_patching,
+    plot_sentence_attention,
+    plot_trace,
+)
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "ModelConfig", "Trace", "Capture", "Store", "ThinklensError",
            "export", "figures", "theme", "plot_attention", "plot_sentence_attention",
-           "plot_trace"]
+           "plot_trace", "plot_patching", "plot_head_grid", "plot_attribution_scatter"]
