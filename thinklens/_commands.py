@@ -195,3 +195,15 @@ def probe(args) -> int:
 
     run_study(args.config, progress=not args.no_progress)
     return 0
+
+
+def report(args) -> int:
+    from thinklens.report import report as run_report
+
+    t0 = time.time()
+    path = run_report(args.model, args.out, n_problems=args.n_problems,
+                      max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    size = path.stat().st_size / 1e6
+    _say(f"report: {path.resolve()} ({size:.1f} MB, figures in {path.parent / 'figures'}) "
+         f"in {time.time() - t0:.0f} s")
+    return 0

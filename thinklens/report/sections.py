@@ -1,0 +1,229 @@
+"""The report's sections, each computed with the public thinklens APIs (see :mod:`.study`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from thinklens.errors import ThinklensError
+from thinklens.report.page import Section, Table
+
+_PAIR_FALLBACK = "c = b + 4 ; a = 7 ; b = a - 2 ; ? c"
+_TEXT_CHARS = 400  # thinking shown per trace in the table; the figure has every sentence
+
+
+def _organism_only(model: Any, what: str) -> str:
+    return (f"Skipped: {what} needs the organism's per-token ground truth (the variable-binding "
+            f"task of thinklens.zoo), and {model.name!r} is not the organism. Run "
+            "`thinklens report` without --model to see it.")
+
+
+def _short(text: str, n: int = _TEXT_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# ---- 1. traces ----------------------------------------------------------------------------
+
+def traces(model: Any, trs: list, organism: bool) -> Section:
+    from thinklens.plots import plot_trace
+
+    c = model.config
+    s = Section(
+        "The model and its traces",
+        f"{model.name}: {c.n_layers} layers, {c.n_heads} heads, d_model {c.d_model}, "
+        f"vocabulary {c.d_vocab}. Each prompt was answered greedily; the model writes its "
+        "reasoning between <think> and </think>, cut into sentences (Thought Anchors' rule) "
+        "and tagged by behaviour. "
+        + ("The organism resolves the chain from the query to its root by looking up "
+           "statements, then computes the values back up." if organism else ""))
+    rows = [[k, t.prompt, _short(t.thinking_text), t.answer_text.strip(), len(t.sentences),
+             "yes" if t.truncated else "no"] for k, t in enumerate(trs)]
+    s.table = Table(["#", "prompt", "thinking", "answer", "sentences", "truncated"], rows,
+                    mono=(1, 2, 3))
+    for k, t in enumerate(trs):
+        s.figure(f"trace-{k}", plot_trace(t), f"Trace {k}: thinking sentences coloured by tag.")
+    return s
+
+
+# ---- 2. attention -------------------------------------------------------------------------
+
+def attention(model: Any, trace: Any, heads: list[tuple[int, int]],
+              from_patching: bool) -> Section:
+    from thinklens.plots import plot_attention, plot_sentence_attention
+
+    why = ("the two heads whose z activation matters most in the patching section"
+           if from_patching else "two heads of the middle layer")
+    s = Section(
+        "Attention",
+        f"Token-level attention of trace 0 for {why}: each row is a destination token, "
+        "each column the source token it reads. Below, the mean attention of every head "
+        "from each thinking sentence to each earlier sentence (pick the head in the "
+        "dropdown); sentences that later ones attend to are candidate thought anchors.")
+    cap = model.capture(trace, attention=heads, progress=False)
+    for layer in sorted({lay for lay, _ in heads}):
+        hs = [h for lay, h in heads if lay == layer]
+        s.figure(f"attention-L{layer}", plot_attention(cap, layer=layer, heads=hs),
+                 f"Layer {layer}, heads {hs}: token-level attention pattern.")
+    sent = model.capture(trace, attention="sentence", progress=False)
+    s.figure("sentence-attention", plot_sentence_attention(sent),
+             "Sentence × sentence mean attention, every layer and head.")
+    sa = sent["sentence_attention"].values[0].float()        # [layer, head, sentence, sentence]
+    n = sa.shape[-1]
+    if n > 1:
+        below = torch.tril(torch.ones(n, n, dtype=torch.bool), -1)
+        off = (sa * below).sum((-1, -2)) / below.sum()       # [layer, head]
+        rows = [[lay, h, float(off[lay, h]), float(sa[lay, h].diagonal().mean())]
+                for lay in range(sa.shape[0]) for h in range(sa.shape[1])]
+        s.table = Table(["layer", "head", "to earlier sentences", "within sentence"], rows)
+    return s
+
+
+# ---- 3. probes and the logit lens ---------------------------------------------------------
+
+def probes(model: Any, n_probe: int) -> Section:
+    from thinklens import probes as P
+    from thinklens.plots import plot_probe_by_layer
+    from thinklens.zoo.evaluate import heldout_problems
+    from thinklens.zoo.organism import token_truth
+
+    depths = (2, 3, 4)
+    per = max(2, -(-n_probe // len(depths)))
+    prompts = [p.prompt for d in depths for p in heldout_problems(d, per, seed=99)]
+    trs = model.think_batch(prompts, max_new_tokens=96, progress=False)
+    cap = model.capture(trs, sites="blocks.*.hook_resid_post", progress=False)
+    truth = [token_truth(t) for t in trs]
+
+    def label(i, tr, k):  # the value a compute step writes, read at the "=" before it
+        t = truth[i][k + 1] if k + 1 < len(tr) else None
+        return t.value if t and t.role == "result" else None
+
+    res = P.sweep(cap, "blocks.*.hook_resid_post", label, n_boot=100)
+    s = Section(
+        "Probes: where the computed value is",
+        f"A logistic probe per layer reads the value a compute step is about to write "
+        f"(ground truth from the task), at the '=' token before it, on {len(trs)} held-out "
+        f"problems of depth 2-4 split by trace ({res.n_train} training rows, {res.n_test} test "
+        f"rows from {res.n_test_traces} traces). The control probe is trained on shuffled "
+        "labels; selectivity is the difference (Hewitt & Liang 2019). Intervals are 95% "
+        "bootstrap intervals over test rows.")
+    s.figure("probe-by-layer", plot_probe_by_layer(res),
+             "Held-out accuracy per layer with the shuffled-label control.")
+    acc, ci = res.metrics["accuracy"][0], res.ci["accuracy"][0]
+    s.table = Table(["site", "accuracy", "95% CI low", "95% CI high", "control", "selectivity"],
+                    [[site, float(acc[j]), float(ci[j, 0]), float(ci[j, 1]),
+                      float(res.control["accuracy"][0, j]), float(res.selectivity[0, j])]
+                     for j, site in enumerate(res.sites)], mono=(0,))
+    return s
+
+
+def skipped_probes(model: Any) -> Section:
+    return Section("Probes: where the computed value is",
+                   "A probe sweep over layers for the value each thinking step computes.",
+                   note=_organism_only(model, "this probe"))
+
+
+def logit_lens(model: Any, trs: list) -> Section:
+    from thinklens import probes as P
+    from thinklens.plots import plot_logit_lens
+
+    s = Section(
+        "Logit lens",
+        "Each layer's residual stream decoded through the final norm and unembedding "
+        "(nostalgebraist 2020): the probability of the model's own first answer token at "
+        "every thinking token. Where it lights up early, the answer is already written in "
+        "the residual stream before the thinking reaches it.")
+    keep = [k for k, t in enumerate(trs) if t.answer_text.strip()]
+    if not keep:
+        s.note = ("Skipped: no trace has an answer after its thinking (all truncated or "
+                  "without </think>), so there is no answer token to follow.")
+        return s
+    try:
+        lens = P.logit_lens(model, [trs[k] for k in keep])
+    except ThinklensError as e:
+        s.note = f"Skipped: {e}"
+        return s
+    s.figure("logit-lens", plot_logit_lens(lens, 0),
+             f"Trace {keep[0]}: probability of the answer token by layer and thinking token.")
+    valid = lens.rank >= 0                                   # [trace, layer, pos]
+    top1 = ((lens.rank == 0) & valid).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
+    prob = torch.nan_to_num(lens.prob).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
+    s.table = Table(["layer", "answer top-1 (fraction of thinking tokens)", "mean answer prob"],
+                    [[name, float(top1[j]), float(prob[j])] for j, name in
+                     enumerate(lens.layers)], mono=(0,))
+    if len(keep) < len(trs):
+        s.note = f"Traces without an answer are left out: {sorted(set(range(len(trs))) - set(keep))}."
+    return s
+
+
+# ---- 4. patching --------------------------------------------------------------------------
+
+@dataclass
+class Patching:
+    pair: Any
+    resid: Any
+    z: Any
+    section: Section
+
+
+def _pair(model: Any, prompts: list[str]) -> Any:
+    """change_constant on the root of the first prompt the task parses; else the fallback."""
+    from thinklens.circuits import change_constant
+    from thinklens.zoo.task import problem_from_prompt
+
+    for prompt in [*prompts, _PAIR_FALLBACK]:
+        try:
+            problem = problem_from_prompt(prompt)
+        except ThinklensError:
+            continue
+        if problem.depth < 2:
+            continue
+        root = problem.chain[0]
+        const = next(s.const for s in problem.statements if s.var == root)
+        for new in [(const + d) % 10 for d in (3, 1, 2, 4, 5, 6, 7, 8, 9)]:
+            try:
+                return change_constant(model, prompt, root, new)
+            except ThinklensError:
+                continue
+    raise ThinklensError("no organism prompt gave a patching pair")  # the fallback always does
+
+
+def patching(model: Any, prompts: list[str]) -> Patching:
+    from thinklens.circuits import patch
+    from thinklens.plots import plot_head_grid, plot_patching
+
+    pair = _pair(model, prompts)
+    resid = patch(model, pair, "resid_pre", by=("layer", "pos"), progress=False)
+    z = patch(model, pair, "z", by=("layer", "head"), progress=False)
+    clean = pair.clean_trace.prompt if pair.clean_trace is not None else ""
+    corrupt = pair.corrupt_trace.prompt if pair.corrupt_trace is not None else ""
+    s = Section(
+        "Activation patching",
+        f"Clean: '{clean}'; corrupted: '{corrupt}' (each with its own correct thinking). "
+        "Each cell runs the corrupted input with one activation taken from the clean run "
+        "(denoising) and reads the logit difference between the clean and the corrupted "
+        "answer at the answer position, normalised so that 0 is the corrupted run and 1 the "
+        f"clean one (clean {resid.clean:.2f}, corrupted {resid.corrupt:.2f}).\n\n"
+        "By layer and position (resid_pre), the information moves from the changed "
+        "constant through the written thinking to the answer; by layer and head (z, all "
+        "positions at once), it shows which heads carry it.")
+    s.figure("patching-resid-pre", plot_patching(resid), "resid_pre, layer × position.")
+    s.figure("patching-z-heads", plot_head_grid(z), "z, layer × head (all positions patched).")
+    zn = z.normalized()
+    top = torch.topk(zn.abs().flatten(), min(5, zn.numel())).indices.tolist()
+    rows = [["z", k // zn.shape[1], f"head {k % zn.shape[1]}", float(zn.flatten()[k])]
+            for k in top]
+    rn = resid.normalized()
+    best = torch.topk(rn.abs().flatten(), min(5, rn.numel())).indices.tolist()
+    rows += [["resid_pre", k // rn.shape[1], f"position {resid.labels['pos'][k % rn.shape[1]]}",
+              float(rn.flatten()[k])] for k in best]
+    s.table = Table(["site", "layer", "head or position", "normalised effect"], rows, mono=(2,))
+    return Patching(pair, resid, z, s)
+
+
+def skipped_patching(model: Any) -> Section:
+    return Section("Activation patching",
+                   "Patching between a clean and a corrupted organism problem.",
+                   note=_organism_only(model, "the organism pair (change_constant)"))

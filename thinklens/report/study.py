@@ -1,0 +1,134 @@
+"""The study behind ``thinklens report``: traces, attention, probes, patching on one model.
+
+1. Think on a handful of prompts (greedy) and show each trace, sentence by sentence.
+2. Organism only: build a clean/corrupted pair from the first prompt the task parses
+   (change the root constant of the asked chain, :func:`~thinklens.circuits.change_constant`)
+   and patch it: ``resid_pre`` by layer × position and ``z`` by layer × head (denoising,
+   logit difference; Meng et al. 2022, Heimersheim & Nanda 2024).
+3. Attention of the first trace: token-level patterns of two heads (the two with the
+   largest z-patching effect on the organism, else two heads of the middle layer) and
+   the sentence × sentence mean attention of every head (Thought Anchors, Bogdan et al.
+   2025).
+4. Organism only: probe every layer's residual stream for the value a compute step
+   writes, read at the ``=`` before it, on held-out problems, with a shuffled-label
+   control (Hewitt & Liang 2019). Every model: the logit lens (nostalgebraist 2020) of
+   the model's own first answer token over the thinking.
+
+Each part becomes a :class:`~thinklens.report.page.Section`; parts that need the
+organism's ground truth are replaced by a note on other models.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from thinklens.report import sections as S
+from thinklens.report.page import FORMATS, Report
+
+ORGANISM_PROMPTS = [
+    "c = b + 4 ; a = 7 ; b = a - 2 ; ? c",
+    "e = 5 ; d = e + 3 ; g = 1 ; ? d",
+    "h = f - 1 ; f = k + 6 ; k = 2 ; j = 9 ; ? h",
+    "l = i + 2 ; c = 8 ; i = g - 3 ; g = c + 5 ; a = 3 ; ? l",
+    "b = 4 ; ? b",
+    "d = a - 3 ; a = 6 ; f = 0 ; ? d",
+]
+GENERIC_PROMPTS = [
+    "What is 17 + 25? Answer with the number only.",
+    "Tom has 3 apples and buys 4 more. How many apples does he have?",
+    "Is 91 a prime number? Answer yes or no.",
+    "x = 7 and y = x - 2. What is y?",
+]
+_STEPS = ("load", "think", "patching", "attention", "probes", "logit lens", "write")
+
+
+def is_organism(model: Any) -> bool:
+    """True for the bundled organism (or any model trained on its task)."""
+    cfg = getattr(getattr(model.bridge, "original_model", None), "config", None)
+    return getattr(cfg, "thinklens_task", None) == "variable-binding"
+
+
+def report(model: Any = "organism", out: str | Path = "thinklens-report", *,
+           prompts: Sequence[str] | None = None, n_problems: int = 4,
+           n_probe: int = 60, max_new_tokens: int | None = None,
+           formats: Sequence[str] = FORMATS, progress: bool = True) -> Path:
+    """Run the study on ``model`` and write ``out/report.html`` (returned) and ``out/figures/``.
+
+    Example::
+
+        path = report("organism", "thinklens-report")   # about a minute on 2 CPU cores
+        path.name                                       # 'report.html'
+
+    ``model``: a spec for :func:`thinklens.load` or a loaded Model. ``prompts``: the
+    problems shown (default: ``n_problems`` built-in ones). ``n_probe``: held-out organism
+    problems the probes are trained and tested on. ``formats``: figure files beside the
+    page (``()`` for none).
+    """
+    import thinklens
+    from thinklens.errors import ConfigError
+
+    if isinstance(n_problems, bool) or not isinstance(n_problems, int) or n_problems < 1:
+        raise ConfigError(f"n_problems={n_problems!r}; give a positive integer")
+    t0 = time.time()
+    bar = tqdm(total=len(_STEPS), desc="report", unit="step", disable=not progress)
+
+    def step(name: str) -> None:
+        bar.set_postfix_str(name)
+
+    step("load")
+    if isinstance(model, str | Path):
+        model = thinklens.load(str(model))
+    organism = is_organism(model)
+    bar.update()
+    step("think")
+    default = ORGANISM_PROMPTS if organism else GENERIC_PROMPTS
+    prompts = list(prompts) if prompts is not None else default[:n_problems]
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ConfigError(f"prompts={prompts!r}; give non-empty strings")
+    traces = model.think_batch(prompts, max_new_tokens=max_new_tokens or (96 if organism
+                                                                          else 160),
+                               progress=False)
+    bar.update()
+    step("patching")
+    patching = S.patching(model, prompts) if organism else None
+    bar.update()
+    step("attention")
+    heads = _heads(model, patching)
+    attention = S.attention(model, traces[0], heads, from_patching=patching is not None)
+    bar.update()
+    step("probes")
+    probe = S.probes(model, n_probe) if organism else S.skipped_probes(model)
+    bar.update()
+    step("logit lens")
+    lens = S.logit_lens(model, traces)
+    bar.update()
+    step("write")
+    rep = Report(f"thinklens report: {model.name}", meta={
+        "model": repr(model), "problems": len(traces),
+        "study time": f"{time.time() - t0:.1f} s before figure export",
+        "thinklens": thinklens.__version__})
+    rep.add(S.traces(model, traces, organism))
+    rep.add(attention)
+    rep.add(probe)
+    rep.add(lens)
+    rep.add(patching.section if patching is not None else S.skipped_patching(model))
+    path = rep.write(out, formats=formats, progress=progress)
+    bar.update()
+    bar.close()
+    return path
+
+
+def _heads(model: Any, patching: Any) -> list[tuple[int, int]]:
+    """Two (layer, head) pairs: the largest |z-patching effect|, else the middle layer's first two."""
+    n_layers, n_heads = model.config.n_layers, model.config.n_heads
+    if patching is not None:
+        z = patching.z.normalized().abs()
+        top = torch.topk(z.flatten(), min(2, z.numel())).indices.tolist()
+        return [(k // z.shape[1], k % z.shape[1]) for k in top]
+    return [(n_layers // 2, h) for h in range(min(2, n_heads))]
