@@ -201,9 +201,10 @@ def report(args) -> int:
     from thinklens.report import report as run_report
 
     t0 = time.time()
-    path = run_report(args.model, args.out, n_problems=args.n_problems,
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    path = run_report(args.model, args.out, n_problems=args.n_problems, formats=formats,
                       max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
     size = path.stat().st_size / 1e6
-    _say(f"report: {path.resolve()} ({size:.1f} MB, figures in {path.parent / 'figures'}) "
-         f"in {time.time() - t0:.0f} s")
+    figs = f", figures in {path.parent / 'figures'}" if formats else ""
+    _say(f"report: {path.resolve()} ({size:.1f} MB{figs}) in {time.time() - t0:.0f} s")
     return 0

@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="problems thought about and shown (default: %(default)s)")
     r.add_argument("--max-new-tokens", type=int, default=None,
                    help="thinking budget per problem (default: 96 organism, 160 others)")
+    r.add_argument("--formats", default="pdf,svg",
+                   help="figure files beside the page: comma-separated pdf, svg, png, or '' "
+                        "for none (default: %(default)s)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     s = sub.add_parser("sites", help="list a model's site (hook) names",

@@ -45,7 +45,7 @@ GENERIC_PROMPTS = [
     "Is 91 a prime number? Answer yes or no.",
     "x = 7 and y = x - 2. What is y?",
 ]
-_STEPS = ("load", "think", "patching", "attention", "probes", "logit lens", "write")
+_STEPS = ("load", "think", "patching", "attention", "probes", "logit lens")
 
 
 def is_organism(model: Any) -> bool:
@@ -62,7 +62,7 @@ def report(model: Any = "organism", out: str | Path = "thinklens-report", *,
 
     Example::
 
-        path = report("organism", "thinklens-report")   # about a minute on 2 CPU cores
+        path = report("organism", "thinklens-report")   # about half a minute on 2 CPU cores
         path.name                                       # 'report.html'
 
     ``model``: a spec for :func:`thinklens.load` or a loaded Model. ``prompts``: the
@@ -70,11 +70,21 @@ def report(model: Any = "organism", out: str | Path = "thinklens-report", *,
     problems the probes are trained and tested on. ``formats``: figure files beside the
     page (``()`` for none).
     """
+    rep = study(model, prompts=prompts, n_problems=n_problems, n_probe=n_probe,
+                max_new_tokens=max_new_tokens, progress=progress)
+    return rep.write(out, formats=formats, progress=progress)
+
+
+def study(model: Any = "organism", *, prompts: Sequence[str] | None = None,
+          n_problems: int = 4, n_probe: int = 60, max_new_tokens: int | None = None,
+          progress: bool = True) -> Report:
+    """The :class:`Report` of :func:`report`, computed but not written (see its arguments)."""
     import thinklens
     from thinklens.errors import ConfigError
 
-    if isinstance(n_problems, bool) or not isinstance(n_problems, int) or n_problems < 1:
-        raise ConfigError(f"n_problems={n_problems!r}; give a positive integer")
+    for name, v, least in (("n_problems", n_problems, 1), ("n_probe", n_probe, 6)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ConfigError(f"{name}={v!r}; give an integer >= {least}")
     t0 = time.time()
     bar = tqdm(total=len(_STEPS), desc="report", unit="step", disable=not progress)
 
@@ -91,16 +101,15 @@ def report(model: Any = "organism", out: str | Path = "thinklens-report", *,
     prompts = list(prompts) if prompts is not None else default[:n_problems]
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ConfigError(f"prompts={prompts!r}; give non-empty strings")
-    traces = model.think_batch(prompts, max_new_tokens=max_new_tokens or (96 if organism
-                                                                          else 160),
-                               progress=False)
+    budget = max_new_tokens or (96 if organism else 160)
+    traces = model.think_batch(prompts, max_new_tokens=budget, progress=False)
     bar.update()
     step("patching")
     patching = S.patching(model, prompts) if organism else None
     bar.update()
     step("attention")
-    heads = _heads(model, patching)
-    attention = S.attention(model, traces[0], heads, from_patching=patching is not None)
+    attention = S.attention(model, traces[0], _heads(model, patching),
+                            from_patching=patching is not None)
     bar.update()
     step("probes")
     probe = S.probes(model, n_probe) if organism else S.skipped_probes(model)
@@ -108,20 +117,15 @@ def report(model: Any = "organism", out: str | Path = "thinklens-report", *,
     step("logit lens")
     lens = S.logit_lens(model, traces)
     bar.update()
-    step("write")
     rep = Report(f"thinklens report: {model.name}", meta={
         "model": repr(model), "problems": len(traces),
-        "study time": f"{time.time() - t0:.1f} s before figure export",
+        "study time": f"{time.time() - t0:.1f} s (before figure export)",
         "thinklens": thinklens.__version__})
-    rep.add(S.traces(model, traces, organism))
-    rep.add(attention)
-    rep.add(probe)
-    rep.add(lens)
-    rep.add(patching.section if patching is not None else S.skipped_patching(model))
-    path = rep.write(out, formats=formats, progress=progress)
-    bar.update()
+    for section in (S.traces(model, traces, organism), attention, probe, lens,
+                    patching.section if patching is not None else S.skipped_patching(model)):
+        rep.add(section)
     bar.close()
-    return path
+    return rep
 
 
 def _heads(model: Any, patching: Any) -> list[tuple[int, int]]:
