@@ -4,7 +4,7 @@ Each rank of a sharded job captures its slice of the traces into a store of its 
 (:mod:`thinklens.hooks.store`); :func:`merge_stores` copies them into one destination
 store, in a given trace order (the order of the prompts file, so a sharded run and a
 single-process run give the same store). The destination is written with the store's
-ordinary atomic ``append``, one source shard at a time, so a merge killed midway resumes:
+ordinary atomic ``append``, in batches of about ``batch_bytes``, so a merge killed midway resumes:
 traces already in the destination are skipped, never copied twice.
 
 Sources must hold the same model, revision, dtype and sites; tensors are copied as they
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 from safetensors import safe_open
@@ -40,7 +41,8 @@ def _compatible(stores: list[Store]) -> dict:
 
 
 def merge_stores(sources: Sequence[str | os.PathLike | Store], dest: str | os.PathLike, *,
-                 order: Sequence[str] | None = None, progress: bool | None = None) -> Store:
+                 order: Sequence[str] | None = None, batch_bytes: int = 256 << 20,
+                 progress: bool | None = None) -> Store:
     """Copy every trace of ``sources`` into the store at ``dest`` (created if absent).
 
     ``order``: trace ids in the order the destination should hold them (default: the
@@ -68,26 +70,23 @@ def merge_stores(sources: Sequence[str | os.PathLike | Store], dest: str | os.Pa
         raise StoreError(f"{len(missing)} trace id(s) are in neither the sources nor '{dest}' "
                          f"(first: {missing[:3]}); capture them first")
     todo = [tid for tid in order if tid not in out]
-    # one append per run of consecutive traces from the same source shard
-    runs: list[list[str]] = []
-    for tid in todo:
-        s, e = where[tid]
-        key = (id(s), e["shard"])
-        if runs and runs[-1][0] == key:
-            runs[-1][1].append(tid)
-        else:
-            runs.append([key, [tid]])
+    axes = {k: v for src in srcs for k, v in src.axes.items()}
     bar = tqdm(total=len(todo), desc="merging stores", unit="trace",
-               disable=not (progress if progress is not None else len(runs) > 4))
-    for _, ids in runs:
-        s, first = where[ids[0]]
-        records = []
-        with safe_open(Path(s.path) / first["shard"], framework="pt") as f:
-            for tid in ids:
-                e = where[tid][1]
-                records.append((tid, e["trace"], {k: f.get_tensor(f"{k}/{e['n']}")
-                                                  for k in e["rows"]}))
-        out.append(records, axes=s.axes)
-        bar.update(len(ids))
+               disable=not (progress if progress is not None else len(todo) > 64))
+    with ExitStack() as files:
+        handles: dict[Path, object] = {}
+        records, size = [], 0
+        for k, tid in enumerate(todo):
+            s, e = where[tid]
+            file = Path(s.path) / e["shard"]
+            if file not in handles:
+                handles[file] = files.enter_context(safe_open(file, framework="pt"))
+            per_key = {key: handles[file].get_tensor(f"{key}/{e['n']}") for key in e["rows"]}
+            records.append((tid, e["trace"], per_key))
+            size += sum(t.numel() * t.element_size() for t in per_key.values())
+            if size >= batch_bytes or k == len(todo) - 1:  # one atomic append per batch
+                out.append(records, axes=axes)
+                bar.update(len(records))
+                records, size = [], 0
     bar.close()
     return out

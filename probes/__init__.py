@@ -2,8 +2,9 @@
 "when does it know" answer probes, answer-correctness probes with early exit, and
 steering vectors.
 
-Figures of these results are in :mod:`thinklens.plots`. The ``thinklens probe CONFIG.toml``
-batch command is not built yet.
+Figures of these results are in :mod:`thinklens.plots`. Whole studies run from a TOML file
+with ``thinklens probe STUDY.toml`` (:mod:`thinklens.probes.job`, config keys in
+:mod:`thinklens.probes.jobconfig`, named labels in :mod:`thinklens.probes.labels`).
 """
 
 from thinklens.probes import metrics

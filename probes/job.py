@@ -253,9 +253,10 @@ def run_study(config: str | Path | dict[str, Any], *, progress: bool = True) -> 
             results[p["name"]] = r
             s = r["summary"]
             main = "accuracy" if "accuracy" in s else "r2"
+            ctrl = (f" (control {s['control']:.3f}, selectivity {s['selectivity']:.3f})"
+                    if s["control"] is not None else "")
             _say(rank, world, f"probe {p['name']!r} ({p['labels']}): best {s['best_site']} "
-                 f"{main} {s[main]:.3f} (control {s['control']}, selectivity "
-                 f"{s['selectivity']}){' [done before, skipped]' if r['skipped'] else ''}")
+                 f"{main} {s[main]:.3f}{ctrl}{' [done before, skipped]' if r['skipped'] else ''}")
         summary = {"model": model.name, "traces": len(store), "world_size": world,
                    "capture_seconds": round(t_capture, 1),
                    "probes": {n: {"labels": r["labels"], "level": r["level"], **r["summary"],

@@ -146,6 +146,13 @@ def parse(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     if dup:
         raise ConfigError(f"[[probe]] name {dup[0]!r} is repeated or not a plain name; give each "
                           "probe a unique name of letters, digits, '-' and '_'")
+    from .labels import NAMES
+    for i, q in enumerate(cfg["probe"]):
+        lab = q["labels"]
+        if lab not in NAMES[:-1] and not (lab.startswith("field:") and len(lab) > 6):
+            raise ConfigError(f"[[probe]] number {i + 1} ({q['name']!r}): key 'labels' is "
+                              f"{lab!r}.{did_you_mean(lab, NAMES)} Allowed values: "
+                              f"{', '.join(NAMES)}")
     p = cfg["prompts"]
     if (p["file"] is None) == (p["organism"] is None):
         raise ConfigError("[prompts]: give exactly one of 'file' (a JSONL of prompts) or "

@@ -1,0 +1,209 @@
+"""`thinklens probe STUDY.toml`: config errors, results, resumption after a real kill,
+torchrun sharding (2 processes, gloo, CPU), and store merging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from thinklens.errors import ConfigError, StoreError
+from thinklens.hooks.merge import merge_stores
+from thinklens.hooks.store import Store
+from thinklens.probes import SweepResult
+from thinklens.probes.job import run_study
+from thinklens.probes.jobconfig import load_config, parse
+
+STUDY = """
+out = "{out}"
+[prompts]
+organism = {{n = 32, depths = [2, 3, 4], seed = 5}}
+[generate]
+max_new_tokens = 72
+[capture]
+sites = ["blocks.*.hook_resid_post"]
+positions = "thinking"
+chunk = {chunk}
+[[probe]]
+name = "value"
+labels = "organism.value"
+n_boot = 50
+[[probe]]
+name = "tag"
+labels = "tag"
+n_boot = 20
+"""
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _study(tmp: Path, out: str, chunk: int = 8) -> Path:
+    file = tmp / f"{out}.toml"
+    file.write_text(STUDY.format(out=out, chunk=chunk))
+    return file
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "thinklens", *args], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted single-process run."""
+    tmp = tmp_path_factory.mktemp("study")
+    summary = run_study(_study(tmp, "ref"), progress=False)
+    return tmp / "ref", summary
+
+
+def _stored(folder: Path) -> tuple[list[str], list[torch.Tensor]]:
+    store = Store.open(folder / "store")
+    return store.trace_ids, store.read("blocks.2.hook_resid_post")
+
+
+def test_results_on_the_organism(reference):
+    out, summary = reference
+    value = summary["probes"]["value"]
+    # the value being computed is linearly decodable at its thinking position
+    assert value["accuracy"] >= 0.95 and value["control"] < 0.5
+    assert value["selectivity"] == pytest.approx(value["accuracy"] - value["control"])
+    assert summary["traces"] == 32 and summary["world_size"] == 1
+    record = json.loads((out / "results" / "value.json").read_text())
+    res = SweepResult.from_dict(record["result"])
+    assert float(res.grid().max()) == pytest.approx(value["accuracy"])
+    assert res.sites == [f"blocks.{i}.hook_resid_post" for i in range(4)]
+    for f in value["figures"] + summary["probes"]["tag"]["figures"]:
+        assert (out / f).stat().st_size > 1000
+    assert (out / "figures" / "plotly.min.js").exists()  # figures open offline
+    assert not list(out.rglob("*.tmp*"))
+
+
+def test_rerun_skips_finished_work_and_redoes_changed_probes(reference, tmp_path):
+    out, summary = reference
+    cfg = load_config(out.parent / "ref.toml")
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
+    again = run_study(cfg, progress=False)
+    assert again["probes"] == summary["probes"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == mtimes
+    cfg["probe"][1]["n_boot"] = 30  # only the changed probe is recomputed
+    run_study(cfg, progress=False)
+    assert (out / "results" / "value.json").stat().st_mtime_ns == \
+        mtimes[out / "results" / "value.json"]
+    assert (out / "results" / "tag.json").stat().st_mtime_ns != mtimes[out / "results" / "tag.json"]
+    cfg["capture"]["positions"] = "all"  # capture settings cannot change under a store
+    with pytest.raises(ConfigError, match=r"changed: capture\.positions"):
+        run_study(cfg, progress=False)
+
+
+def test_a_killed_run_resumes_without_redoing_finished_rounds(reference, tmp_path):
+    ref_out, ref_summary = reference
+    cfg = _study(tmp_path, "killed", chunk=4)
+    manifest = tmp_path / "killed" / "store" / "manifest.json"
+    proc = _cli("probe", str(cfg), "--no-progress")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = json.loads(manifest.read_text())
+    assert 0 < len(before["traces"]) < 32, "killed too late to test resumption"
+    done = run = subprocess.run([sys.executable, "-m", "thinklens", "probe", str(cfg),
+                                 "--no-progress"], env=ENV, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"traces: {len(before['traces'])} of 32 already captured" in done.stdout
+    after = json.loads(manifest.read_text())
+    assert after["shards"][:len(before["shards"])] == before["shards"]  # kept, not redone
+    ids, acts = _stored(tmp_path / "killed")
+    ref_ids, ref_acts = _stored(ref_out)
+    assert sorted(ids) == sorted(ref_ids)
+    by_id = dict(zip(ref_ids, ref_acts))
+    for tid, a in zip(ids, acts):
+        torch.testing.assert_close(a, by_id[tid], atol=1e-5, rtol=1e-4)
+    summary = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert summary["probes"]["value"]["accuracy"] >= 0.95
+
+
+def test_torchrun_two_processes_give_the_single_process_result(reference, tmp_path):
+    ref_out, ref_summary = reference
+    cfg = _study(tmp_path, "sharded")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m",
+                          "thinklens", "probe", str(cfg), "--no-progress"], env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "[rank 1/2] traces: 0 of 32 already captured; 16 to do here" in run.stdout
+    summary = json.loads((tmp_path / "sharded" / "results.json").read_text())
+    assert summary["world_size"] == 2
+    ids, acts = _stored(tmp_path / "sharded")
+    ref_ids, ref_acts = _stored(ref_out)
+    assert ids == ref_ids  # merged in the prompts' order
+    for a, b in zip(acts, ref_acts):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for name, probe in ref_summary["probes"].items():
+        assert summary["probes"][name]["accuracy"] == pytest.approx(probe["accuracy"], abs=1e-6)
+    assert not (tmp_path / "sharded" / "shards").exists()
+
+
+def test_merge_stores_is_exact_ordered_and_resumable(reference, tmp_path):
+    src = Store.open(reference[0] / "store")
+    ids = src.trace_ids
+    merged = merge_stores([src], tmp_path / "m", order=ids[::-1][:5], batch_bytes=1)
+    assert merged.trace_ids == ids[::-1][:5]
+    merged = merge_stores([src], tmp_path / "m", order=ids[::-1])  # resumes after the 5
+    assert merged.trace_ids == ids[::-1]
+    for key in src.keys:
+        for a, b in zip(merged.read(key), src.read(key)[::-1]):
+            assert torch.equal(a, b)
+    with pytest.raises(StoreError, match="in neither the sources"):
+        merge_stores([src], tmp_path / "m2", order=["nope"])
+
+
+@pytest.mark.parametrize("text, match", [
+    ('out = "x"\n[[probe]]\nname = "a"\nlabels = "tag"\nkind = "logstic"',
+     r"key 'kind' is 'logstic'\. Did you mean 'logistic'\?.*Allowed values: logistic, ridge, mlp"),
+    ('out = "x"\n[capture]\nsitse = []\n[[probe]]\nname = "a"\nlabels = "tag"',
+     r"\[capture\]: unknown key 'sitse'\. Did you mean 'sites'.*Allowed keys: sites,"),
+    ('out = "x"\n[prompts]\norganism = {n = 3}\n[[probe]]\nname = "a"\nlabels = "organism.valeu"',
+     r"key 'labels' is 'organism.valeu'\. Did you mean 'organism.value'"),
+    ('out = "x"\n[prompts]\norganism = {n = 3}', r"no \[\[probe\]\] table"),
+    ('out = "x"\n[prompts]\nfile = "p.jsonl"\norganism = {n = 3}\n[[probe]]\nname = "a"\n'
+     'labels = "tag"', "exactly one of 'file'"),
+    ('out = "x"\n[generate]\nmax_new_tokens = "many"\n[[probe]]\nname = "a"\nlabels = "tag"',
+     r"\[generate\]: key 'max_new_tokens' must be an integer, got 'many'"),
+    ('out = "x"\n[capture]\npositions = "thinkng"\n[[probe]]\nname = "a"\nlabels = "tag"',
+     r"key 'positions' is 'thinkng'\. Did you mean 'thinking'"),
+    ('[[probe]]\nname = "a"\nlabels = "tag"', "required key 'out' is missing"),
+    ('out = "x"\n[[probe]]\nname = "a"\nlabels = "tag"\n[[probe]]\nname = "a"\nlabels = "tag"',
+     "name 'a' is repeated"),
+])
+def test_config_errors_name_the_key_and_the_allowed_values(text, match):
+    import tomllib
+    raw = tomllib.loads(text)
+    raw.setdefault("prompts", {"organism": {"n": 3}})
+    with pytest.raises(ConfigError, match=match):
+        parse(raw, Path("."))
+
+
+def test_cli_reports_config_errors_and_a_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('out = "x"\n[prompts]\norganism = {n = 2}\n[output]\nfigures = ["gif"]\n'
+                   '[[probe]]\nname = "a"\nlabels = "tag"')
+    run = subprocess.run([sys.executable, "-m", "thinklens", "probe", str(bad)], env=ENV,
+                         capture_output=True, text=True)
+    assert run.returncode == 1
+    assert "'figures' has 'gif'" in run.stderr and "html, svg, pdf, png" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "thinklens", "probe", str(tmp_path / "no.toml")],
+                         env=ENV, capture_output=True, text=True)
+    assert run.returncode == 1 and "does not exist" in run.stderr
+    helptext = subprocess.run([sys.executable, "-m", "thinklens", "probe", "--help"], env=ENV,
+                              capture_output=True, text=True).stdout
+    assert "torchrun" in helptext and "organism.value" in helptext
