@@ -1,8 +1,21 @@
-"""thinklens.circuits: activation patching (batched), path patching, clean/corrupt pairs.
+"""thinklens.circuits: activation patching (batched), path patching, clean/corrupt pairs,
+attribution patching (AtP, EAP, EAP-IG) and circuits with their faithfulness.
 
-Attribution patching (AtP, EAP, EAP-IG) and circuit graphs are not built yet.
+Example::
+
+    from thinklens.circuits import change_constant, patch, atp, eap, faithfulness_curve
+    pair = change_constant(model, "c = b + 4 ; a = 7 ; b = a - 2 ; ? c", "a", 3)
+    exact = patch(model, pair, "z", by=("layer", "head"))     # one patched run per head
+    approx = atp(model, pair, "z", by=("layer", "head"))      # one forward + one backward
+    full = eap(model, pair, steps=5)                          # EAP-IG score of every edge
+    circuit = full.top(n=40)
+    circuit.faithfulness(model, pair)                         # share of the metric recovered
+    curve = faithfulness_curve(model, pair, full)             # against the number of edges
 """
 
+from thinklens.circuits.attribution import AttributionResult, atp, eap
+from thinklens.circuits.circuit import Circuit, FaithfulnessCurve, faithfulness_curve
+from thinklens.circuits.graph import Graph
 from thinklens.circuits.metrics import Metric, answer_prob, kl_to, logit_diff, normalized
 from thinklens.circuits.pairs import Pair, change_constant, change_thinking_value, make_pair
 from thinklens.circuits.patching import SITE_KINDS, PatchResult, patch
@@ -10,4 +23,5 @@ from thinklens.circuits.paths import path_patch
 
 __all__ = ["patch", "path_patch", "PatchResult", "make_pair", "Pair", "change_constant",
            "change_thinking_value", "logit_diff", "answer_prob", "kl_to", "normalized",
-           "Metric", "SITE_KINDS"]
+           "Metric", "SITE_KINDS", "atp", "eap", "AttributionResult", "Circuit", "Graph",
+           "FaithfulnessCurve", "faithfulness_curve"]

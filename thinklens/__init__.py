@@ -20,6 +20,8 @@ from thinklens.hooks.wrapper import Model
 from thinklens.plots import (
     plot_attention,
     plot_attribution_scatter,
+    plot_circuit,
+    plot_faithfulness,
     plot_head_grid,
     plot_patching,
     plot_sentence_attention,
@@ -29,4 +31,5 @@ from thinklens.plots import (
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "ModelConfig", "Trace", "Capture", "Store", "ThinklensError",
            "export", "figures", "theme", "plot_attention", "plot_sentence_attention",
-           "plot_trace", "plot_patching", "plot_head_grid", "plot_attribution_scatter"]
+           "plot_trace", "plot_patching", "plot_head_grid", "plot_attribution_scatter",
+           "plot_circuit", "plot_faithfulness"]

@@ -5,6 +5,7 @@ Nothing here shows a figure or writes a file: call ``fig.show()`` in a notebook,
 """
 
 from thinklens.plots.attention import plot_attention, plot_sentence_attention
+from thinklens.plots.circuits import plot_circuit, plot_faithfulness
 from thinklens.plots.patching import plot_attribution_scatter, plot_head_grid, plot_patching
 from thinklens.plots.probes import (
     plot_dose_response,
@@ -18,4 +19,5 @@ from thinklens.plots.training import plot_training_curve
 
 __all__ = ["plot_attention", "plot_sentence_attention", "plot_trace", "plot_training_curve",
            "plot_probe_by_layer", "plot_probe_grid", "plot_logit_lens", "plot_early_exit",
-           "plot_dose_response", "plot_patching", "plot_head_grid", "plot_attribution_scatter"]
+           "plot_dose_response", "plot_patching", "plot_head_grid", "plot_attribution_scatter",
+           "plot_circuit", "plot_faithfulness"]
