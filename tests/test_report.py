@@ -1,0 +1,195 @@
+"""The report: one offline HTML page whose plots all draw, escaped model text, valid figure
+files, and numbers that say what the organism's ground truth says."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+from _browser import check_page
+
+from thinklens import figures
+from thinklens.cli import main
+from thinklens.errors import ConfigError, ThinklensError
+from thinklens.report import Report, Section, Table, study
+from thinklens.report.page import FIGURES, PAGE
+from thinklens.report.study import ORGANISM_PROMPTS
+
+NASTY = "<script>alert(1)</script> <b>x</b> c = 1 ; ? c"
+PROMPTS = [ORGANISM_PROMPTS[0], NASTY, ORGANISM_PROMPTS[2]]
+
+
+def _browser() -> str | None:
+    try:
+        return figures.find_browser()
+    except ThinklensError:
+        return None
+
+
+needs_browser = pytest.mark.skipif(_browser() is None, reason="no Chromium; run .ci/browser")
+
+
+@pytest.fixture(scope="module")
+def rep(organism):
+    return study(organism, prompts=PROMPTS, n_probe=45, progress=False)
+
+
+@pytest.fixture(scope="module")
+def written(rep, tmp_path_factory):
+    if _browser() is None:
+        pytest.skip("no Chromium; run .ci/browser")
+    out = tmp_path_factory.mktemp("report")
+    path = rep.write(out, progress=False)
+    return path, path.read_text(encoding="utf-8")
+
+
+def _section(rep, title):
+    return next(s for s in rep.sections if s.title.startswith(title))
+
+
+# ---- the page ---------------------------------------------------------------------------
+
+def test_page_is_self_contained_with_plotly_inline_once(rep, written):
+    from plotly.offline import get_plotlyjs
+
+    path, page = written
+    n = len(rep.figures())
+    n_att = len(_section(rep, "Attention").figures)  # a figure per layer of the two heads + 1
+    assert path.name == PAGE and n_att in (2, 3) and n == 3 + n_att + 2 + 2
+    assert page.count(get_plotlyjs()) == 1                     # the whole library, once
+    assert page.count("plotly.js v") == 1
+    tags = re.findall(r"<script\b[^>]*>", page)
+    assert len(tags) == 1 + n                                  # plotly.js + one per figure
+    assert not any("src=" in t for t in tags)                  # nothing loaded from anywhere
+    assert not re.search(r"<(link|img|iframe)\b", page)
+    assert page.count("Plotly.newPlot(") == n
+    assert not list(path.parent.glob(".*.tmp"))                # no temporary file left
+
+
+def test_model_text_is_escaped(rep, written):
+    _, page = written
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &lt;b&gt;x&lt;/b&gt;" in page
+    assert "<script>alert" not in page and "<b>x</b>" not in page
+    trace = rep.sections[0]
+    assert trace.table.rows[1][1] == NASTY                     # kept raw, escaped on render
+    # the figure holds plotly's escaped text, and the JSON escapes '<' besides
+    assert "alert(1)" in json.dumps(trace.figures[1].fig.layout.title.text)
+    assert "<" not in trace.figures[1].fig.layout.title.text
+
+
+def test_figure_files_are_valid_pdf_and_svg(rep, written):
+    path, page = written
+    stems = [stem for stem, _ in rep.figures()]
+    files = sorted(p.name for p in (path.parent / FIGURES).iterdir())
+    assert files == sorted(f"{s}.{fmt}" for s in stems for fmt in ("pdf", "svg"))
+    for s in stems:
+        pdf = (path.parent / FIGURES / f"{s}.pdf").read_bytes()
+        assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF")
+        root = ET.parse(path.parent / FIGURES / f"{s}.svg").getroot()
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        assert len(list(root.iter())) > 20                     # drawn, not an empty canvas
+        assert f'href="{FIGURES}/{s}.pdf"' in page and f'href="{FIGURES}/{s}.svg"' in page
+
+
+@needs_browser
+def test_every_plot_draws_in_a_browser_without_errors(rep, written):
+    path, _ = written
+    res = check_page(path, browser=_browser())
+    assert res.errors == []
+    plots = json.loads(res.value)
+    assert [p["id"] for p in plots] == [f"fig-{stem}" for stem, _ in rep.figures()]
+    for p in plots:
+        assert p["svgs"] >= 1 and p["shapes"] > 0, p
+
+
+@needs_browser
+def test_the_browser_check_catches_broken_pages(tmp_path):
+    bad = tmp_path / "bad.html"
+    bad.write_text('<html><body><div class="js-plotly-plot" id="p"></div>'
+                   '<script>throw new Error("deliberate x")</script>'
+                   '<script>console.error("logged y")</script>'
+                   '<script src="missing.js"></script></body></html>')
+    res = check_page(bad, browser=_browser())
+    assert any("deliberate x" in e for e in res.errors)
+    assert any("logged y" in e for e in res.errors)
+    assert any("missing.js" in e for e in res.errors)
+    assert json.loads(res.value) == [{"id": "p", "svgs": 0, "shapes": 0}]   # nothing drawn
+    (tmp_path / "ok.html").write_text('<html><body><script>console.log("fine")</script>'
+                                      "</body></html>")
+    assert check_page(tmp_path / "ok.html", browser=_browser()).errors == []
+
+
+# ---- what the numbers say ---------------------------------------------------------------
+
+def test_probe_reads_the_computed_value_from_layer_1_and_the_control_does_not(rep):
+    rows = {r[0]: r for r in _section(rep, "Probes").table.rows}
+    # columns: site, accuracy, CI low, CI high, control, selectivity
+    for layer in (1, 2, 3):
+        site, acc, lo, hi, control, sel = rows[f"blocks.{layer}.hook_resid_post"]
+        assert acc >= 0.95 and lo <= acc <= hi and control <= 0.35
+        assert sel == pytest.approx(acc - control, abs=1e-6)
+    assert rows["blocks.0.hook_resid_post"][1] < 0.5   # not yet computed after layer 0
+
+
+def test_patching_shows_the_answer_copied_from_the_written_result(rep, organism):
+    from thinklens.circuits import change_constant, patch
+
+    s = _section(rep, "Activation patching")
+    pair = change_constant(organism, PROMPTS[0], "a", 0)  # root constant 7 -> 0 (+3 mod 10)
+    assert pair.clean_trace.prompt in s.text and pair.corrupt_trace.prompt in s.text
+    r = patch(organism, pair, "resid_pre", by=("layer", "pos"), layers=[0],
+              positions=[pair.answer_pos - 2, pair.answer_pos], progress=False)
+    norm = r.normalized()[0]
+    # at layer 0 the answer position knows nothing yet; the last written value ("= 9 .")
+    # carries everything the answer reads
+    assert norm[1] == pytest.approx(0.0, abs=0.05) and norm[0] == pytest.approx(1.0, abs=0.1)
+    rows = [r for r in s.table.rows if r[0] == "resid_pre"]
+    assert any(r[1] == 0 and r[2].startswith(f"position {pair.answer_pos - 2}:")
+               and r[3] > 0.9 for r in rows)
+
+
+def test_attention_shows_the_heads_patching_picked(rep):
+    z = [r for r in _section(rep, "Activation patching").table.rows if r[0] == "z"][:2]
+    names = [a.text for f in _section(rep, "Attention").figures[:-1]
+             for a in f.fig.layout.annotations]
+    assert sorted(names) == sorted(f"L{layer} H{h.split()[1]}" for _, layer, h, _ in z)
+
+
+def test_logit_lens_ends_on_the_answer(rep):
+    rows = _section(rep, "Logit lens").table.rows
+    assert rows[-1][0] == "blocks.3.hook_resid_post"
+    assert 0 < rows[-1][1] <= 1 and rows[0][1] <= rows[-1][1]
+
+
+# ---- other models, the CLI, the builder -------------------------------------------------
+
+def test_other_models_skip_organism_parts_with_a_note(qwen2_dir, tmp_path, capsys):
+    code = main(["report", "--model", str(qwen2_dir), "--out", str(tmp_path), "--n-problems",
+                 "2", "--max-new-tokens", "12", "--formats", "", "--no-progress"])
+    assert code == 0 and "report.html" in capsys.readouterr().out
+    page = (tmp_path / PAGE).read_text()
+    assert page.count("Skipped: this probe needs the organism") == 1
+    assert page.count("Skipped: the organism pair") == 1
+    assert "The model and its traces" in page and "Attention" in page
+    assert not (tmp_path / FIGURES).exists()
+    assert page.count("Plotly.newPlot(") == 2 + 2   # two traces, attention: one layer + sentences
+
+
+def test_builder_escapes_and_checks(tmp_path):
+    rep = Report("t <i>", meta={"m": "<x>"})
+    rep.add(Section("a & b", "p1\n\np2 <u>", table=Table(["c<"], [["<v>"], [0.5], [3]]),
+                    note="<n>"))
+    from plotly.offline import get_plotlyjs
+
+    page = rep.write(tmp_path, formats=()).read_text().replace(get_plotlyjs(), "")
+    for raw in ("<i>", "<x>", "<u>", "<v>", "<n>", "c<"):
+        assert raw not in page
+    assert "<p>p1</p>" in page and "&lt;v&gt;" in page and ">0.500<" in page and ">3<" in page
+    with pytest.raises(ConfigError, match="do not have 2 cells"):
+        Table(["a", "b"], [[1]])
+    with pytest.raises(ConfigError, match="'pdf', 'svg', 'png'"):
+        rep.write(tmp_path, formats=("jpg",))
+    with pytest.raises(ConfigError, match="n_problems=0"):
+        study("organism", n_problems=0)
