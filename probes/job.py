@@ -164,7 +164,8 @@ def _figures(result, name: str, out: Path, formats: list[str]) -> list[str]:
     from thinklens.figures import export
     from thinklens.plots import plot_probe_by_layer, plot_probe_grid
 
-    figs = {f"{name}-by-layer": plot_probe_by_layer(result)}
+    best = result.positions.index(result.best()[0])
+    figs = {f"{name}-by-layer": plot_probe_by_layer(result, position=best)}
     if len(result.positions) > 1:
         figs[f"{name}-grid"] = plot_probe_grid(result)
     folder = out / "figures"
