@@ -151,6 +151,21 @@ def test_scatter_points_diagonal_and_correlations(organism, pair, by_head):
     assert fig.data[0].text[1] == "layer 0 · token 52:&lt;/think&gt;"
 
 
+def test_scatter_of_real_attribution_results(organism, pair, by_head):
+    from thinklens.circuits import atp, eap
+
+    approx = atp(organism, pair, "z", by=("layer", "head"))   # values: base + estimate
+    edges = eap(organism, pair).node_effects("z")
+    fig = plot_attribution_scatter({"AtP": approx, "EAP": edges}, by_head)
+    x = by_head.values.double().flatten().numpy() - by_head.corrupt
+    for d, est in zip(fig.data, (approx, edges)):
+        y = est.values.double().flatten().numpy() - est.corrupt   # both on the Δ-metric scale
+        _close(d.x, x)
+        _close(d.y, y)
+        assert d.meta["spearman"] == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+    assert plot_attribution_scatter(approx, by_head).data[0].name.startswith("atp")
+
+
 def test_spearman_with_ties_equals_scipy():
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 5, 40).astype(float), rng.integers(0, 7, 40).astype(float)

@@ -18,9 +18,10 @@ returns a ``go.Figure``:
    Kramár et al. 2024, Syed et al. 2023, Hanna et al. 2024) against exact patching cell
    by cell: x = exact effect, y = estimate, the y = x diagonal, and the Pearson and
    Spearman correlations over the cells. Effects are changes of the metric: a
-   ``PatchResult`` holds the metric after each patch, so its base run's value (corrupted
-   run when denoising, clean run when noising) is subtracted; other objects are taken to
-   hold effects already.
+   ``PatchResult`` (and an ``AttributionResult`` from ``atp`` or
+   ``Circuit.node_effects``) holds the metric after each patch, so its base run's value
+   (corrupted run when denoising, clean run when noising) is subtracted; other objects
+   are taken to hold effects already.
 """
 
 from __future__ import annotations
@@ -131,8 +132,10 @@ def plot_attribution_scatter(estimate: Any, exact: Any, *, label: str | None = N
     Example::
 
         exact = patch(model, pair, "z", by=("layer", "head"))      # [layer, head]
-        fig = plot_attribution_scatter(atp, exact, label="AtP")   # atp: same axes and shape
-        fig = plot_attribution_scatter({"AtP": atp, "EAP-IG": ig}, exact)   # one trace each
+        approx = atp(model, pair, "z", by=("layer", "head"))      # same axes and shape
+        fig = plot_attribution_scatter(approx, exact, label="AtP")
+        ig = eap(model, pair, steps=5).node_effects("z")
+        fig = plot_attribution_scatter({"AtP": approx, "EAP-IG": ig}, exact)  # a trace each
         fig.data[0].meta                # {'pearson': ..., 'spearman': ..., 'n': 16}
 
     x is the exact effect (the metric's change), y the estimate; the legend and title give
