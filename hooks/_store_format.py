@@ -13,8 +13,9 @@ import torch
 from thinklens.errors import ConfigError, StoreError
 
 POSITIONS = "__positions__"
-_FORMAT, _VERSION, _MANIFEST = "thinklens.store", 1, "manifest.json"
+_FORMAT, _VERSION, _MANIFEST = "thinklens.store", 2, "manifest.json"
 _SHARD = re.compile(r"shard-(\d{6,})\.safetensors")
+_TRACES = re.compile(r"shard-(\d{6,})\.traces\.json")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32,
            "float16": torch.float16, "bfloat16": torch.bfloat16}
 _VERIFY = ("hash", "size", "none")
@@ -58,3 +59,8 @@ def _load_manifest(file: Path) -> dict[str, Any]:
         raise StoreError(f"'{file}' has format version {manifest['version']}, newer than this "
                          f"thinklens reads ({_VERSION}); upgrade thinklens")
     return manifest
+
+
+def traces_file(shard: str) -> str:
+    """``shard-000001.traces.json`` for ``shard-000001.safetensors``: the shard's traces."""
+    return shard.removesuffix(".safetensors") + ".traces.json"

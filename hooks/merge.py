@@ -82,7 +82,7 @@ def merge_stores(sources: Sequence[str | os.PathLike | Store], dest: str | os.Pa
             if file not in handles:
                 handles[file] = files.enter_context(safe_open(file, framework="pt"))
             per_key = {key: handles[file].get_tensor(f"{key}/{e['n']}") for key in e["rows"]}
-            records.append((tid, e["trace"], per_key))
+            records.append((tid, s.trace_dict(e), per_key))
             size += sum(t.numel() * t.element_size() for t in per_key.values())
             if size >= batch_bytes or k == len(todo) - 1:  # one atomic append per batch
                 out.append(records, axes=axes)

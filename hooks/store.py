@@ -5,7 +5,9 @@ A store is a folder::
     out/
       manifest.json              the only source of truth: what is stored, and where
       shard-000000.safetensors   the tensors of one ``append`` call
+      shard-000000.traces.json   its traces (``{id: Trace.to_dict()}``)
       shard-000001.safetensors
+      shard-000001.traces.json
 
 Inside a shard, the rows of trace number ``n`` for key ``k`` are the tensor ``"k/n"``
 (first axis = rows of that trace); the reserved key ``__positions__`` holds the token
@@ -14,16 +16,22 @@ index of each row. ``n`` is a serial number that is never reused. The manifest::
     {"format": "thinklens.store", "version": 1,
      "model_name": str, "revision": str | None, "dtype": "float32", "sites": [key, ...],
      "axes": {key: [axis, ...]}, "meta": {...},
-     "shards": [{"file", "sha256", "bytes", "trace_ids"}, ...],
-     "traces": [{"id", "n", "shard", "trace": Trace.to_dict(), "rows": {key: rows}}, ...]}
+     "shards": [{"file", "sha256", "bytes", "trace_ids", "traces_file", "traces_bytes"}, ...],
+     "traces": [{"id", "n", "shard", "rows": {key: rows}}, ...]}
+
+The trace dicts (tokens, offsets, sentences: the bulk of the metadata) live in each
+shard's ``traces.json`` beside it, written once, so an append rewrites a manifest that
+grows by a few dozen bytes per trace, not by whole traces. (Version-1 stores kept each
+``"trace"`` inside the manifest; they are still read.)
 
 ``traces`` is in append order. One ``append`` commits like this (one writer at a time):
 
 1. Remove what a killed writer left: ``*.tmp`` files and shard files that the manifest
    does not list (orphans, from a kill between steps 3 and 5).
 2. Write the new shard to ``shard-NNNNNN.safetensors.tmp`` (``NNNNNN`` above every
-   listed or present shard), fsync it and take its sha256.
-3. ``os.replace`` it to ``shard-NNNNNN.safetensors``; fsync the folder.
+   listed or present shard), fsync it and take its sha256; the same for its
+   ``shard-NNNNNN.traces.json.tmp``.
+3. ``os.replace`` both to their names; fsync the folder.
 4. Write the new manifest (old one + the shard + its traces) to ``manifest.json.tmp``
    and fsync it.
 5. ``os.replace`` it over ``manifest.json``; fsync the folder. This is the commit point:
@@ -59,11 +67,13 @@ from ._store_format import (
     _FORMAT,
     _MANIFEST,
     _SHARD,
+    _TRACES,
     _VERIFY,
     _VERSION,
     POSITIONS,
     _check_create,
     _load_manifest,
+    traces_file,
 )
 from .activations import ActivationReader
 
@@ -151,6 +161,12 @@ class Store(ActivationReader):
         return [(file, why) for file, why in found if why]
 
     def _shard_problem(self, entry: dict, verify: str) -> str | None:
+        if "traces_file" in entry:
+            side = self.path / entry["traces_file"]
+            size = side.stat().st_size if side.is_file() else None
+            if size != entry["traces_bytes"]:
+                return (f"expected its {entry['traces_file']} of {entry['traces_bytes']} bytes, "
+                        f"found {size if size is not None else 'no file'}")
         file, want = self.path / entry["file"], entry["bytes"]
         size = file.stat().st_size if file.is_file() else None
         if size != want:
@@ -182,6 +198,7 @@ class Store(ActivationReader):
                       "traces": [t for t in traces if t["shard"] not in bad]})
         for file in bad:  # after the commit, so a kill here only leaves orphans
             (self.path / file).unlink(missing_ok=True)
+            (self.path / traces_file(file)).unlink(missing_ok=True)
         return [t["id"] for t in traces if t["shard"] in bad]
 
     # -- writing -----------------------------------------------------------------------
@@ -200,7 +217,7 @@ class Store(ActivationReader):
         tensors: dict[str, Tensor] = {}
         storages: set[int] = set()
         entries = []
-        for n, (tid, trace, per_key) in enumerate(todo, start=first):
+        for n, (tid, _trace, per_key) in enumerate(todo, start=first):
             for key, t in per_key.items():
                 t = t.detach().cpu().contiguous()
                 ptr = t.untyped_storage().data_ptr()
@@ -208,16 +225,24 @@ class Store(ActivationReader):
                     t = t.clone()
                 storages.add(ptr)
                 tensors[f"{key}/{n}"] = t
-            entries.append({"id": tid, "n": n, "shard": name, "trace": trace,
+            entries.append({"id": tid, "n": n, "shard": name,
                             "rows": {k: int(t.shape[0]) for k, t in per_key.items()}})
         final, tmp = self.path / name, self.path / (name + ".tmp")
+        side = self.path / traces_file(name)
+        side_tmp = side.with_name(side.name + ".tmp")
         save_file(tensors, tmp, metadata={"format": "pt"})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        with open(side_tmp, "w") as f:
+            f.write(json.dumps({tid: trace for tid, trace, _ in todo}, separators=(",", ":")))
+            f.flush()
+            os.fsync(f.fileno())
         shard = {"file": name, "sha256": sha256(tmp), "bytes": tmp.stat().st_size,
-                 "trace_ids": [e["id"] for e in entries]}
+                 "trace_ids": [e["id"] for e in entries], "traces_file": side.name,
+                 "traces_bytes": side_tmp.stat().st_size}
+        replace_durably(side_tmp, side)
         replace_durably(tmp, final)
-        self._commit({**self._m, "axes": {**self._m["axes"], **new_axes},
+        self._commit({**self._m, "version": _VERSION, "axes": {**self._m["axes"], **new_axes},
                       "shards": [*self._m["shards"], shard], "traces": [*self._m["traces"], *entries]})
         return len(entries)
 
@@ -284,10 +309,10 @@ class Store(ActivationReader):
 
     def _clean_leftovers(self) -> None:
         """Step 1: remove temp files and orphan shards of a killed writer."""
-        listed = {s["file"] for s in self._m["shards"]}
+        listed = {f for s in self._m["shards"] for f in (s["file"], s.get("traces_file"))}
         for file in self.path.iterdir():
             name = file.name.removesuffix(".tmp")
-            ours = name == _MANIFEST or _SHARD.fullmatch(name)
+            ours = name == _MANIFEST or _SHARD.fullmatch(name) or _TRACES.fullmatch(name)
             if ours and (file.name != name or name not in listed | {_MANIFEST}):
                 file.unlink(missing_ok=True)
 
@@ -314,7 +339,22 @@ class Store(ActivationReader):
 
     @property
     def trace_dicts(self) -> list[dict]:
-        return [t["trace"] for t in self._m["traces"]]
+        return [self.trace_dict(t) for t in self._m["traces"]]
+
+    def trace_dict(self, entry: dict) -> dict:
+        """The ``Trace.to_dict()`` of one manifest entry (read from its shard's traces.json)."""
+        if "trace" in entry:  # version 1
+            return entry["trace"]
+        cache = self.__dict__.setdefault("_sidecars", {})
+        if entry["shard"] not in cache:
+            file = self.path / traces_file(entry["shard"])
+            try:
+                cache[entry["shard"]] = json.loads(file.read_text())
+            except (OSError, ValueError) as e:
+                raise StoreError(f"cannot read '{file}' ({e}); drop its shard with "
+                                 f"Store.open('{self.path}', verify='none').repair() and rerun "
+                                 "to recompute its traces") from e
+        return cache[entry["shard"]][entry["id"]]
 
     @property
     def traces(self) -> list:

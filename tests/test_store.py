@@ -88,7 +88,8 @@ def test_round_trip_is_bit_exact_across_appends(tmp_path, dtype):
         assert acts.positions[4, :5].tolist() == list(range(40, 45))
         assert (acts.positions[4, 5:] == -1).all()
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
-        "manifest.json", *(f"shard-{i:06d}.safetensors" for i in range(3))]
+        "manifest.json", *(f"shard-{i:06d}.{ext}" for i in range(3)
+                           for ext in ("safetensors", "traces.json"))]
 
 
 def test_rerun_skips_stored_trace_ids(tmp_path):
@@ -157,14 +158,16 @@ def test_killed_writer_leaves_a_valid_store_and_resumes_to_the_same_content(tmp_
          {"shard-000001.safetensors.tmp"}),
         # trace-1 is redone; between steps 3 and 5 of trace-2: an orphan shard
         ("replace manifest.json", 2, 2,
-         {"shard-000002.safetensors", "manifest.json.tmp"}),
-        # trace-2 and -3 are redone; before step 3 of trace-4: a complete .tmp
-        ("replace shard-000004.safetensors", 1, 4, {"shard-000004.safetensors.tmp"}),
+         {"shard-000002.safetensors", "shard-000002.traces.json", "manifest.json.tmp"}),
+        # trace-2 and -3 are redone; in step 3 of trace-4: a complete .tmp, its traces file
+        ("replace shard-000004.safetensors", 1, 4,
+         {"shard-000004.safetensors.tmp", "shard-000004.traces.json"}),
     ]
     for line, occurrence, committed, leftovers in kills:
         _run_until_killed(out, line, occurrence)
         store = Store.open(out, verify="hash")
-        listed = {"manifest.json", *(f"shard-{i:06d}.safetensors" for i in range(committed))}
+        listed = {"manifest.json", *(f"shard-{i:06d}.{ext}" for i in range(committed)
+                                     for ext in ("safetensors", "traces.json"))}
         assert {p.name for p in out.iterdir()} == listed | leftovers
         assert store.trace_ids == [f"trace-{i}" for i in range(committed)]
         for i, got in enumerate(store.read(RESID)):
@@ -253,8 +256,8 @@ def test_bad_appends_write_nothing(tmp_path):
         store.append([("z", {}, {RESID: torch.zeros(3, 8),
                                  "__positions__": torch.arange(2)})], AXES)
     assert store.trace_ids == ["t0"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json",
-                                                           "shard-000000.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "manifest.json", "shard-000000.safetensors", "shard-000000.traces.json"]
 
 
 def test_unknown_key_read_suggests_the_stored_one(tmp_path):
@@ -272,11 +275,13 @@ def test_files_without_a_commit_are_ignored_and_cleaned(tmp_path):
     (tmp_path / "shard-000001.safetensors").write_bytes(b"orphan from a killed writer")
     (tmp_path / "shard-000002.safetensors.tmp").write_bytes(b"half a shard")
     (tmp_path / "manifest.json.tmp").write_text("{")
+    (tmp_path / "shard-000001.traces.json").write_text("{}")
     store = Store.open(tmp_path)
     assert store.trace_ids == ["t0"]
     store.append([ragged(1, torch.float32)], AXES)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "manifest.json", "shard-000000.safetensors", "shard-000001.safetensors"]
+        "manifest.json", "shard-000000.safetensors", "shard-000000.traces.json",
+        "shard-000001.safetensors", "shard-000001.traces.json"]
     assert_bit_equal(Store.open(tmp_path).read(Z)[1], ragged(1, torch.float32)[2][Z])
     assert os.path.getsize(tmp_path / "shard-000001.safetensors") > 100
 
@@ -297,3 +302,30 @@ def test_views_of_one_batch_tensor_and_real_traces_round_trip(tmp_path):
     assert reopened.keys == [RESID] and reopened.sites == [RESID, Z]
     for j, got in enumerate(reopened.read(RESID)):
         assert_bit_equal(got, batch[j, : 3 + 2 * j])
+
+
+def test_traces_live_beside_their_shard_and_version_1_stores_still_read(tmp_path):
+    big = {"tokens": ["tok"] * 2000, "text": "x" * 5000}
+    store = Store.open(tmp_path / "s", create=create())
+    for i in range(3):
+        tid, _, per_key = ragged(i, torch.float32)
+        store.append([(tid, {**big, "i": i}, per_key)], AXES)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["version"] == 2 and all("trace" not in t for t in manifest["traces"])
+    # an append rewrites ~100 bytes per stored trace, not the traces themselves
+    assert (tmp_path / "s" / "manifest.json").stat().st_size < 3000
+    assert [d["i"] for d in Store.open(tmp_path / "s").trace_dicts] == [0, 1, 2]
+    (tmp_path / "s" / "shard-000001.traces.json").write_text("{}")
+    with pytest.raises(StoreError, match=r"shard-000001.safetensors.*traces.json"):
+        Store.open(tmp_path / "s", verify="size")
+    # version 1: each trace dict inline in the manifest
+    v1 = dict(manifest, version=1, traces=[{**t, "trace": {"i": k}} for k, t in
+                                           enumerate(manifest["traces"])])
+    for s in v1["shards"]:
+        del s["traces_file"], s["traces_bytes"]
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(v1))
+    old = Store.open(tmp_path / "s", verify="hash")
+    assert [d["i"] for d in old.trace_dicts] == [0, 1, 2]
+    tid, _, per_key = ragged(3, torch.float32)
+    old.append([(tid, {"i": 3}, per_key)], AXES)  # appending upgrades, old entries still read
+    assert [d["i"] for d in Store.open(tmp_path / "s").trace_dicts] == [0, 1, 2, 3]
