@@ -28,7 +28,7 @@ def _positions(graph) -> dict[str, tuple[float, float]]:
     for layer in range(graph.n_layers):
         for h in range(graph.n_heads):
             pos[f"a{layer}.h{h}"] = (h - mid, float(layer))
-        pos[f"m{layer}"] = (0.0, layer + 0.5)
+        pos[f"m{layer}"] = (mid + 1.0, layer + 0.5)  # beside the heads: edges skip past it
     return pos
 
 
