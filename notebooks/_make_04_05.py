@@ -18,10 +18,11 @@ META = {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "pyth
 
 def build(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook(metadata=META)
-    for kind, text in cells:
+    for k, (kind, text) in enumerate(cells):
         text = text.strip("\n")
-        nb.cells.append(nbformat.v4.new_markdown_cell(text) if kind == "md"
-                        else nbformat.v4.new_code_cell(text))
+        cell = (nbformat.v4.new_markdown_cell if kind == "md" else nbformat.v4.new_code_cell)(text)
+        cell.id = f"cell-{k:02d}"  # stable ids: rebuilding changes nothing but the text
+        nb.cells.append(cell)
     return nb
 
 
@@ -251,10 +252,171 @@ plot_patching(heads, size="two", title="head outputs, denoising")
 ]
 
 
+NB05 = [
+    ("md", """
+# 05 · Circuits: attribution patching, edges, faithfulness
+
+Notebook 04 patched activations one cell at a time. Attribution patching estimates every
+cell from **one forward and one backward pass** (Nanda 2023; Kramár et al. 2024), and
+edge attribution patching scores every **edge** between components the same way (Syed et
+al. 2023; EAP-IG: Hanna et al. 2024). Keeping the best edges gives a **circuit**, and
+running the model with every other edge ablated says how much of the behaviour it
+explains (its **faithfulness**).
+
+You will learn to:
+
+1. compare AtP with exact patching, cell by cell (`plot_attribution_scatter`);
+2. score every edge with EAP and EAP-IG, and read node effects off the edges;
+3. keep the top edges and measure the **faithfulness curve**;
+4. draw the circuit as a graph and look at the **attention patterns** of its heads;
+5. save a circuit to JSON and load it back.
+"""),
+    ("code", """
+import tempfile
+from pathlib import Path
+
+import torch
+
+import thinklens
+from thinklens.circuits import Circuit, atp, change_constant, eap, faithfulness_curve, patch
+from thinklens.plots import (
+    plot_attention,
+    plot_attribution_scatter,
+    plot_circuit,
+    plot_faithfulness,
+    plot_patching,
+)
+"""),
+    ("md", """
+## The pair
+
+The same pair as in notebook 04: the organism resolves `c = b + 4 ; a = 7 ; b = a - 2`
+to 9; the corrupted prompt sets `a = 3` (answer 5), each with its own correct thinking.
+The metric is the logit difference between 9 and 5 at `</think>`.
+"""),
+    ("code", """
+model = thinklens.load("organism")
+PROMPT = "c = b + 4 ; a = 7 ; b = a - 2 ; ? c"
+pair = change_constant(model, PROMPT, "a", 3)
+exact = patch(model, pair, "z", by=("layer", "head"))
+exact
+"""),
+    ("md", """
+## 1. AtP against exact patching
+
+`atp` takes the same arguments as `patch` and returns an `AttributionResult` with the
+same axes and labels: the estimated metric after each patch,
+`base + (a_clean - a_corrupt) · ∂metric/∂a`. `plot_attribution_scatter` puts the exact
+effect (change of the metric) on x and the estimated one on y, one point per head; the
+dotted line is y = x, and the title gives Spearman's ρ and Pearson's r.
+"""),
+    ("code", """
+approx = atp(model, pair, "z", by=("layer", "head"))
+plot_attribution_scatter(approx, exact, label="AtP")
+"""),
+    ("md", """
+AtP ranks the heads almost exactly like patching does, but it underestimates the big
+effect: L1H1 moves the logit difference by about 24, AtP says about 9. Attention
+saturates, and a first-order estimate cannot see that (AtP*, Kramár et al. 2024).
+
+Per head and position (4 × 53 × 4 = 848 cells) the estimate still ranks the cells well;
+hover over a point to see its layer, token and head.
+"""),
+    ("code", """
+cells = dict(by=("layer", "pos", "head"))
+plot_attribution_scatter(atp(model, pair, "z", **cells), patch(model, pair, "z", **cells), label="AtP")
+"""),
+    ("md", """
+## 2. Edges: EAP and EAP-IG
+
+`eap(model, pair)` scores every edge of the graph (embeddings, each head, each MLP →
+each head's query/key/value input, each MLP, the logits) from one backward pass and
+returns the full graph as a `Circuit`. `steps=5` is EAP-IG: the gradient averaged over 5
+points between the corrupted and the clean input embeddings.
+
+Summing a sender's out-edges gives its node effect (`node_effects`), which for plain EAP
+equals AtP. Several estimates go on one scatter as a dict:
+"""),
+    ("code", """
+full = eap(model, pair)
+ig = eap(model, pair, steps=5)
+print(full)
+print(ig)
+plot_attribution_scatter({"AtP": approx, "EAP": full.node_effects("z"), "EAP-IG": ig.node_effects("z")}, exact)
+"""),
+    ("md", """
+EAP's node effects are AtP's (the two traces overlap). EAP-IG integrates the gradient
+along the way from the corrupted to the clean input, so it sees the saturation and comes
+much closer to y = x on the heads that matter (about 17 for L1H1); its rank correlation
+is lower only because it orders the heads that do nothing (effects near 0) differently.
+
+## 3. Circuits and faithfulness
+
+`ig.top(n=...)` keeps the n edges of largest |score|. Its faithfulness runs the clean
+input with every edge *outside* the circuit ablated to its corrupted value:
+1 = the circuit recovers the full model's logit difference, 0 = no better than the
+corrupted run. `faithfulness_curve` does this for many sizes in one batched pass.
+"""),
+    ("code", """
+curve = faithfulness_curve(model, pair, ig)
+n = curve.smallest(0.8)
+print(f"{n} of {curve.total_edges} edges ({n / curve.total_edges:.1%}) recover at least 80%")
+plot_faithfulness(curve)
+"""),
+    ("code", """
+circuit = ig.top(n=n)
+print(circuit, "faithfulness", round(circuit.faithfulness(model, pair), 3))
+for u, v, score in circuit.edge_list()[:8]:
+    print(f"{u:>6} -> {v:<8} {score:7.2f}")
+plot_circuit(circuit)
+"""),
+    ("md", """
+Read the graph bottom-up: L0H2 reads the input through its values, L1H1 reads the input
+and MLP 0 through its values and writes the answer to the logits, directly and through
+the later MLPs. This is the head notebook 04 found by patching.
+
+## 4. What the circuit's heads attend to
+
+Capture the attention of the circuit's heads on the clean trace (`pair.clean_trace`) and
+plot it: rows are the query (destination) tokens, columns the keys they read from.
+"""),
+    ("code", """
+heads = sorted({(int(s[1]), int(s.split(".h")[1])) for s in circuit.nodes if s.startswith("a")})
+print("circuit heads:", heads)
+cap = model.capture(pair.clean_trace, attention=heads)
+pattern = cap["blocks.1.attn.hook_pattern"].values[0]       # [head, query, key] of layer 1
+row = pattern[[h for _, h in heads if _ == 1].index(1), pair.answer_pos]
+top = row.topk(3)
+print("L1H1 at </think> attends to", [(int(k), pair.clean_tokens[k], round(float(w), 2)) for w, k in zip(top.values, top.indices)])
+plot_attention(cap, layer=1, heads=[1])
+"""),
+    ("md", """
+At `</think>` (the bottom row) L1H1 puts 0.91 of its attention on the `9` the thinking
+wrote last, at position 50: it copies the final result to where the answer is read.
+L0H2, at that `9`, spreads its attention over the digit itself and the operands it was
+computed from (`5` and `4` of `c = 5 + 4 = 9`).
+"""),
+    ("code", """
+plot_attention(cap, layer=0, heads=[2])
+"""),
+    ("md", """
+## 5. Save and load a circuit
+
+`Circuit.to_json` writes every edge of the graph with its score and whether it is in
+the circuit; `Circuit.from_json` reads it back (and checks the format).
+"""),
+    ("code", """
+path = Path(tempfile.mkdtemp()) / "circuit.json"
+circuit.to_json(path)
+loaded = Circuit.from_json(path)
+print(loaded)
+print("same edges:", torch.equal(loaded.edges, circuit.edges), "same scores:", torch.allclose(loaded.scores, circuit.scores))
+"""),
+]
+
+
 def main(which: list[str]) -> None:
-    books = {"04": ("04_patching.ipynb", NB04)}
-    if "NB05" in globals():
-        books["05"] = ("05_circuits.ipynb", globals()["NB05"])
+    books = {"04": ("04_patching.ipynb", NB04), "05": ("05_circuits.ipynb", NB05)}
     for key in which or list(books):
         name, cells = books[key]
         nbformat.write(build(cells), HERE / name)

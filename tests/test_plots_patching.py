@@ -138,12 +138,14 @@ def test_scatter_points_diagonal_and_correlations(organism, pair, by_head):
         assert d.meta["spearman"] == pytest.approx(stats.spearmanr(exact_effect, y)[0], abs=1e-12)
         assert d.meta["pearson"] == pytest.approx(stats.pearsonr(exact_effect, y)[0], abs=1e-12)
         assert d.meta["n"] == 16
-    assert f"ρ = {fig.data[1].meta['spearman']:.3f}" in fig.layout.title.subtitle.text
+    assert f"noisy: ρ = {fig.data[1].meta['spearman']:.3f}" in fig.layout.title.subtitle.text
     assert fig.data[0].text[5] == "layer 1 · head 1"      # cell (1, 1), row-major
     diag = fig.data[2]
     assert list(diag.x) == list(diag.y) and diag.x[0] <= exact_effect.min()
     single = plot_attribution_scatter(noisy, by_head)
     assert single.data[0].name.startswith("noisy")
+    rho = single.data[0].meta["spearman"]
+    assert f"noisy: Spearman ρ = {rho:.3f}, Pearson r = " in single.layout.title.subtitle.text
     # layer x pos: hover names the token
     by_pos = SimpleNamespace(values=torch.ones(4, 2), axes=("layer", "pos"),
                              labels={"layer": [0, 1, 2, 3], "pos": ["9:7/3", "52:</think>"]})

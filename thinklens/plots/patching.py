@@ -160,7 +160,7 @@ def plot_attribution_scatter(estimate: Any, exact: Any, *, label: str | None = N
         _same_cells(name, y.shape, e_axes, e_labels, axes, labels, shape)
         y = _effect(est, y).ravel()
         r, rho, n = pearson(x, y), spearman(x, y), int(np.isfinite(x + y).sum())
-        stats.append(f"{theme.escape(name)}: Spearman ρ = {rho:.3f}, Pearson r = {r:.3f}")
+        stats.append((theme.escape(name), rho, r))
         lo, hi = min(lo, np.nanmin(y, initial=np.inf)), max(hi, np.nanmax(y, initial=-np.inf))
         fig.add_trace(go.Scatter(
             x=x, y=y, mode="markers", name=f"{theme.escape(name)} (ρ = {rho:.2f})",
@@ -174,10 +174,18 @@ def plot_attribution_scatter(estimate: Any, exact: Any, *, label: str | None = N
     fig.update_layout(
         title=dict(text=theme.escape(title) if title is not None else
                    f"attribution vs exact patching ({theme.escape(str(getattr(exact, 'site', '')))})",
-                   subtitle=dict(text=" · ".join(stats) + f" · {x.size} cells")),
+                   subtitle=dict(text=_stats_line(stats, x.size))),
         xaxis_title=f"exact effect (Δ {metric})", yaxis_title=f"estimate (Δ {metric})",
         height=520)
     return theme.apply(fig, size)
+
+
+def _stats_line(stats: list[tuple[str, float, float]], n: int) -> str:
+    if len(stats) == 1:
+        name, rho, r = stats[0]
+        return f"{name}: Spearman ρ = {rho:.3f}, Pearson r = {r:.3f} · {n} cells"
+    return (" · ".join(f"{name}: ρ = {rho:.3f}, r = {r:.3f}" for name, rho, r in stats)
+            + f" (Spearman ρ, Pearson r over {n} cells)")
 
 
 def spearman(x: Any, y: Any) -> float:
