@@ -44,21 +44,29 @@ def traces(model: Any, trs: list, organism: bool) -> Section:
     s.table = Table(["#", "prompt", "thinking", "answer", "sentences", "truncated"], rows,
                     mono=(1, 2, 3))
     for k, t in enumerate(trs):
-        s.figure(f"trace-{k}", plot_trace(t), f"Trace {k}: thinking sentences coloured by tag.")
+        if t.sentences:
+            s.figure(f"trace-{k}", plot_trace(t), f"Trace {k}: thinking sentences coloured by tag.")
+    empty = [k for k, t in enumerate(trs) if not t.sentences]
+    if empty:
+        s.note = (f"Traces {empty} hold no thinking sentences (no <think> … </think> in the "
+                  "output, or nothing between them), so they have no trace figure.")
     return s
 
 
 # ---- 2. attention -------------------------------------------------------------------------
 
-def attention(model: Any, trace: Any, heads: list[tuple[int, int]],
+def attention(model: Any, trs: list, heads: list[tuple[int, int]],
               from_patching: bool) -> Section:
     from thinklens.plots import plot_attention, plot_sentence_attention
 
+    k = next((k for k, t in enumerate(trs) if len(t.sentences) > 1),
+             next((k for k, t in enumerate(trs) if t.sentences), 0))
+    trace = trs[k]
     why = ("the two heads whose z activation matters most in the patching section"
            if from_patching else "two heads of the middle layer")
     s = Section(
         "Attention",
-        f"Token-level attention of trace 0 for {why}: each row is a destination token, "
+        f"Token-level attention of trace {k} for {why}: each row is a destination token, "
         "each column the source token it reads. Below, the mean attention of every head "
         "from each thinking sentence to each earlier sentence (pick the head in the "
         "dropdown); sentences that later ones attend to are candidate thought anchors.")
@@ -67,6 +75,9 @@ def attention(model: Any, trace: Any, heads: list[tuple[int, int]],
         hs = [h for lay, h in heads if lay == layer]
         s.figure(f"attention-L{layer}", plot_attention(cap, layer=layer, heads=hs),
                  f"Layer {layer}, heads {hs}: token-level attention pattern.")
+    if not trace.sentences:
+        s.note = "No trace has thinking sentences, so there is no sentence-level view."
+        return s
     sent = model.capture(trace, attention="sentence", progress=False)
     s.figure("sentence-attention", plot_sentence_attention(sent),
              "Sentence × sentence mean attention, every layer and head.")
@@ -140,21 +151,29 @@ def logit_lens(model: Any, trs: list) -> Section:
         s.note = ("Skipped: no trace has an answer after its thinking (all truncated or "
                   "without </think>), so there is no answer token to follow.")
         return s
+    thinking = [k for k in keep if len(trs[k].think_span)]
+    where = "thinking" if thinking else "prompt"
+    if not thinking:
+        s.note = ("No trace with an answer has thinking tokens; the lens runs over the "
+                  "prompt tokens instead.")
+    keep = thinking or keep
     try:
-        lens = P.logit_lens(model, [trs[k] for k in keep])
+        lens = P.logit_lens(model, [trs[k] for k in keep], positions=where)
     except ThinklensError as e:
         s.note = f"Skipped: {e}"
         return s
     s.figure("logit-lens", plot_logit_lens(lens, 0),
-             f"Trace {keep[0]}: probability of the answer token by layer and thinking token.")
+             f"Trace {keep[0]}: probability of the answer token by layer and {where} token.")
     valid = lens.rank >= 0                                   # [trace, layer, pos]
     top1 = ((lens.rank == 0) & valid).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
     prob = torch.nan_to_num(lens.prob).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
-    s.table = Table(["layer", "answer top-1 (fraction of thinking tokens)", "mean answer prob"],
+    s.table = Table(["layer", f"answer top-1 (fraction of {where} tokens)", "mean answer prob"],
                     [[name, float(top1[j]), float(prob[j])] for j, name in
                      enumerate(lens.layers)], mono=(0,))
     if len(keep) < len(trs):
-        s.note = f"Traces without an answer are left out: {sorted(set(range(len(trs))) - set(keep))}."
+        left = sorted(set(range(len(trs))) - set(keep))
+        why = "no answer" if where == "prompt" else "no answer or no thinking"
+        s.note = " ".join(filter(None, [s.note, f"Left out ({why}): traces {left}."]))
     return s
 
 

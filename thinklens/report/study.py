@@ -108,7 +108,7 @@ def study(model: Any = "organism", *, prompts: Sequence[str] | None = None,
     patching = S.patching(model, prompts) if organism else None
     bar.update()
     step("attention")
-    attention = S.attention(model, traces[0], _heads(model, patching),
+    attention = S.attention(model, traces, _heads(model, patching),
                             from_patching=patching is not None)
     bar.update()
     step("probes")
