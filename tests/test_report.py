@@ -57,7 +57,7 @@ def test_page_is_self_contained_with_plotly_inline_once(rep, written):
     path, page = written
     n = len(rep.figures())
     n_att = len(_section(rep, "Attention").figures)  # a figure per layer of the two heads + 1
-    assert path.name == PAGE and n_att in (2, 3) and n == 3 + n_att + 2 + 2
+    assert path.name == PAGE and n_att in (2, 3) and n == 3 + n_att + 2 + 2 + 2
     assert page.count(get_plotlyjs()) == 1                     # the whole library, once
     assert page.count("plotly.js v") == 1
     tags = re.findall(r"<script\b[^>]*>", page)
@@ -157,6 +157,22 @@ def test_attention_shows_the_heads_patching_picked(rep):
     assert sorted(names) == sorted(f"L{layer} H{h.split()[1]}" for _, layer, h, _ in z)
 
 
+def test_circuit_holds_the_head_exact_patching_ranks_first(rep):
+    s = _section(rep, "Circuit")
+    (_, layer, head, effect) = next(r for r in _section(rep, "Activation patching").table.rows
+                                    if r[0] == "z")
+    assert effect > 0.5                                      # one head carries most of it
+    node = f"a{layer}.h{head.split()[1]}"
+    edges = s.table.rows
+    assert any(a == node or b.startswith(node + ".") for a, b, _ in edges)
+    scores = [abs(v) for _, _, v in edges]
+    assert scores == sorted(scores, reverse=True)
+    faith = float(re.search(r"circuit's is (-?[0-9]+\.[0-9]+)", s.text)[1])
+    n = int(re.search(r"the (\d+) highest-scoring edges", s.text)[1])
+    curve = s.figures[1].fig.data[0]
+    assert faith >= 0.8 and max(curve.y) >= 0.8 and n in list(curve.x)
+
+
 def test_logit_lens_ends_on_the_answer(rep):
     rows = _section(rep, "Logit lens").table.rows
     assert rows[-1][0] == "blocks.3.hook_resid_post"
@@ -171,7 +187,7 @@ def test_other_models_skip_organism_parts_with_a_note(qwen2_dir, tmp_path, capsy
     assert code == 0 and "report.html" in capsys.readouterr().out
     page = (tmp_path / PAGE).read_text()
     assert page.count("Skipped: this probe needs the organism") == 1
-    assert page.count("Skipped: the organism pair") == 1
+    assert page.count("Skipped: the organism pair") == 2    # patching and circuit
     assert "The model and its traces" in page and "Attention" in page
     assert not (tmp_path / FIGURES).exists()
     assert page.count("Plotly.newPlot(") >= 1       # the middle layer's attention at least

@@ -101,10 +101,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a study on a model (the bundled organism by default) and write "
         "OUT/report.html: the traces of a few problems, token- and sentence-level attention, "
         "a probe sweep over layers with a control, the logit lens, activation patching by "
-        "layer x position and by head. The page holds plotly.js and works offline from disk; "
+        "layer x position and by head, an EAP-IG circuit with its faithfulness curve. The page holds plotly.js and works offline from disk; "
         "every figure is also written to OUT/figures/ as PDF and SVG. On another model, the "
-        "parts that need the organism's ground truth (probes, patching pairs) are skipped "
-        "with a note. About a minute on 2 CPU cores for the organism.")
+        "parts that need the organism's ground truth (probes, patching pairs, the circuit) "
+        "are skipped with a note. About a minute on 2 CPU cores for the organism.")
     r.add_argument("--model", default="organism", help="model spec (default: organism)")
     r.add_argument("--out", default="thinklens-report", help="output folder (default: %(default)s)")
     r.add_argument("--n-problems", type=int, default=4,

@@ -13,6 +13,9 @@
    writes, read at the ``=`` before it, on held-out problems, with a shuffled-label
    control (Hewitt & Liang 2019). Every model: the logit lens (nostalgebraist 2020) of
    the model's own first answer token over the thinking.
+5. Organism only: score every edge of the pair's computation graph with EAP-IG (Hanna et
+   al. 2024), keep the fewest top edges that recover 80% of the logit difference, and
+   draw that circuit and the faithfulness curve.
 
 Each part becomes a :class:`~thinklens.report.page.Section`; parts that need the
 organism's ground truth are replaced by a note on other models.
@@ -45,7 +48,7 @@ GENERIC_PROMPTS = [
     "Is 91 a prime number? Answer yes or no.",
     "x = 7 and y = x - 2. What is y?",
 ]
-_STEPS = ("load", "think", "patching", "attention", "probes", "logit lens")
+_STEPS = ("load", "think", "patching", "attention", "probes", "logit lens", "circuit")
 
 
 def is_organism(model: Any) -> bool:
@@ -117,12 +120,17 @@ def study(model: Any = "organism", *, prompts: Sequence[str] | None = None,
     step("logit lens")
     lens = S.logit_lens(model, traces)
     bar.update()
+    step("circuit")
+    circuit = (S.circuit(model, patching.pair) if patching is not None
+               else S.skipped_circuit(model))
+    bar.update()
     rep = Report(f"thinklens report: {model.name}", meta={
         "model": repr(model), "problems": len(traces),
         "study time": f"{time.time() - t0:.1f} s (before figure export)",
         "thinklens": thinklens.__version__})
     for section in (S.traces(model, traces, organism), attention, probe, lens,
-                    patching.section if patching is not None else S.skipped_patching(model)):
+                    patching.section if patching is not None else S.skipped_patching(model),
+                    circuit):
         rep.add(section)
     bar.close()
     return rep
