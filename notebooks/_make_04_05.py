@@ -254,7 +254,7 @@ plot_patching(heads, size="two", title="head outputs, denoising")
 
 NB05 = [
     ("md", """
-# 05 · Circuits: attribution patching, edges, faithfulness
+# 05 · Circuits: the organism's lookup step
 
 Notebook 04 patched activations one cell at a time. Attribution patching estimates every
 cell from **one forward and one backward pass** (Nanda 2023; Kramár et al. 2024), and
@@ -263,13 +263,21 @@ al. 2023; EAP-IG: Hanna et al. 2024). Keeping the best edges gives a **circuit**
 running the model with every other edge ablated says how much of the behaviour it
 explains (its **faithfulness**).
 
+The behaviour studied here is the organism's **lookup step**. For the prompt
+`c = b + 4 ; a = 7 ; b = a - 2 ; ? c` the thinking first walks the chain back to its root
+(`c = b + 4 . b = a - 2 . a = 7 .`) and then computes forward. When it has written
+`a =`, the next token is a's value, and that value is written nowhere in the thinking
+so far: the model must **look it up** in the prompt statement `a = 7 ;`. Which heads
+find the right statement, and how does its constant reach the thinking?
+
 You will learn to:
 
-1. compare AtP with exact patching, cell by cell (`plot_attribution_scatter`);
+1. build a pair that isolates one thinking step, and compare AtP with exact patching;
 2. score every edge with EAP and EAP-IG, and read node effects off the edges;
 3. keep the top edges and measure the **faithfulness curve**;
-4. draw the circuit as a graph and look at the **attention patterns** of its heads;
-5. save a circuit to JSON and load it back.
+4. draw the circuit as a graph and check the **attention patterns** of its heads;
+5. see that another step (copying the final answer) uses a different circuit;
+6. save a circuit to JSON and load it back.
 """),
     ("code", """
 import tempfile
@@ -278,61 +286,85 @@ from pathlib import Path
 import torch
 
 import thinklens
-from thinklens.circuits import Circuit, atp, change_constant, eap, faithfulness_curve, patch
-from thinklens.plots import (
-    plot_attention,
-    plot_attribution_scatter,
-    plot_circuit,
-    plot_faithfulness,
-    plot_patching,
-)
+from thinklens.circuits import Circuit, atp, change_constant, eap, faithfulness_curve, make_pair, patch
+from thinklens.hooks.trace import Trace
+from thinklens.plots import plot_attention, plot_attribution_scatter, plot_circuit, plot_faithfulness
+from thinklens.zoo.organism import token_truth
 """),
     ("md", """
-## The pair
+## The pair: one thinking step, only the prompt's constant differs
 
-The same pair as in notebook 04: the organism resolves `c = b + 4 ; a = 7 ; b = a - 2`
-to 9; the corrupted prompt sets `a = 3` (answer 5), each with its own correct thinking.
-The metric is the logit difference between 9 and 5 at `</think>`.
+`change_constant(..., thinking="clean")` changes the prompt's `a = 7` to `a = 3` but
+gives **both** runs the clean thinking, so the prompt's constant (position 9) is the only
+token that differs. `token_truth` labels each thinking token; the lookup step is the
+resolve-phase `=` of `a`. We cut both inputs right after it and read the next-token
+logits there: the metric is `logit(7) - logit(3)` at the thinking's `a =`.
 """),
     ("code", """
 model = thinklens.load("organism")
 PROMPT = "c = b + 4 ; a = 7 ; b = a - 2 ; ? c"
-pair = change_constant(model, PROMPT, "a", 3)
+
+
+def lookup_pair(prompt, var, new):
+    \"\"\"The step writing var's constant: predict it after the thinking's 'var ='.\"\"\"
+    full = change_constant(model, prompt, var, new, thinking="clean")
+    pos = next(i for i, t in enumerate(token_truth(full.clean_trace))
+               if t and t.phase == "resolve" and t.role == "eq" and t.var == var)
+    return make_pair(model, full.clean_ids[:pos + 1], full.corrupt_ids[:pos + 1],
+                     answer=full.clean_tokens[pos + 1], wrong=str(new), answer_pos=pos)
+
+
+pair = lookup_pair(PROMPT, "a", 3)
+labels = pair.labels()
+print(len(pair), "tokens:", " ".join(labels))
+print("differ at", [f"{i}:{labels[i]}" for i in pair.diff_positions],
+      "| answer read at", pair.answer_pos, repr(" ".join(labels[pair.answer_pos - 1:pair.answer_pos + 1])))
 exact = patch(model, pair, "z", by=("layer", "head"))
-exact
+print(exact)
+print("normalised (1 = patching this head alone restores the clean answer):")
+print(exact.normalized().round(decimals=2) + 0.0)  # + 0.0 turns -0. into 0.
 """),
     ("md", """
+The clean run puts 7 ahead of 3 by about 13 logits, the corrupted run 3 ahead of 7 by
+about 13. Two heads each restore the whole difference on their own: **a0.h2** (layer 0,
+head 2) and **a1.h1** (layer 1, head 1). They sit on one path, so patching either one
+carries the clean constant all the way.
+
 ## 1. AtP against exact patching
 
 `atp` takes the same arguments as `patch` and returns an `AttributionResult` with the
-same axes and labels: the estimated metric after each patch,
+same axes: the estimated metric after each patch,
 `base + (a_clean - a_corrupt) · ∂metric/∂a`. `plot_attribution_scatter` puts the exact
-effect (change of the metric) on x and the estimated one on y, one point per head; the
-dotted line is y = x, and the title gives Spearman's ρ and Pearson's r.
+effect (change of the metric) on x and the estimate on y, one point per head; the dotted
+line is y = x. Each trace's `meta` holds Spearman's ρ and Pearson's r.
 """),
     ("code", """
 approx = atp(model, pair, "z", by=("layer", "head"))
-plot_attribution_scatter(approx, exact, label="AtP")
+fig = plot_attribution_scatter(approx, exact, label="AtP")
+print(f"AtP vs exact, 16 heads: Spearman {fig.data[0].meta['spearman']:.3f}, Pearson {fig.data[0].meta['pearson']:.3f}")
+fig
 """),
     ("md", """
-AtP ranks the heads almost exactly like patching does, but it underestimates the big
-effect: L1H1 moves the logit difference by about 24, AtP says about 9. Attention
-saturates, and a first-order estimate cannot see that (AtP*, Kramár et al. 2024).
+AtP ranks the heads like patching does but underestimates the two that matter (each
+moves the logit difference by about 26; AtP says 9 and 10). Their attention is saturated
+and a first-order estimate cannot see past that (AtP*, Kramár et al. 2024).
 
-Per head and position (4 × 53 × 4 = 848 cells) the estimate still ranks the cells well;
-hover over a point to see its layer, token and head.
+Per head and position (4 layers × 34 positions × 4 heads = 544 cells) the ranking holds;
+hover over a point for its layer, token and head.
 """),
     ("code", """
 cells = dict(by=("layer", "pos", "head"))
-plot_attribution_scatter(atp(model, pair, "z", **cells), patch(model, pair, "z", **cells), label="AtP")
+fig = plot_attribution_scatter(atp(model, pair, "z", **cells), patch(model, pair, "z", **cells), label="AtP")
+print(f"AtP vs exact, {fig.data[0].meta['n']} cells: Spearman {fig.data[0].meta['spearman']:.3f}")
+fig
 """),
     ("md", """
 ## 2. Edges: EAP and EAP-IG
 
-`eap(model, pair)` scores every edge of the graph (embeddings, each head, each MLP →
-each head's query/key/value input, each MLP, the logits) from one backward pass and
-returns the full graph as a `Circuit`. `steps=5` is EAP-IG: the gradient averaged over 5
-points between the corrupted and the clean input embeddings.
+`eap(model, pair)` scores every edge of the graph (the input embeddings, each head and
+each MLP → each head's query/key/value input, each later MLP, and the logits) from one
+backward pass and returns the full graph as a `Circuit`. `steps=5` is EAP-IG: the
+gradient averaged over 5 points between the corrupted and the clean input embeddings.
 
 Summing a sender's out-edges gives its node effect (`node_effects`), which for plain EAP
 equals AtP. Several estimates go on one scatter as a dict:
@@ -342,13 +374,21 @@ full = eap(model, pair)
 ig = eap(model, pair, steps=5)
 print(full)
 print(ig)
-plot_attribution_scatter({"AtP": approx, "EAP": full.node_effects("z"), "EAP-IG": ig.node_effects("z")}, exact)
+fig = plot_attribution_scatter({"AtP": approx, "EAP": full.node_effects("z"), "EAP-IG": ig.node_effects("z")}, exact)
+for t in fig.data:
+    if t.meta:
+        print(f"{t.name:16s} Spearman {t.meta['spearman']:.3f}  Pearson {t.meta['pearson']:.4f}")
+for name, r in [("exact", exact), ("AtP", approx), ("EAP-IG", ig.node_effects("z"))]:
+    d = r.values - r.corrupt   # the change of the metric, [layer, head]
+    print(f"{name:7s} effect of a0.h2 {float(d[0, 2]):6.2f}, of a1.h1 {float(d[1, 1]):6.2f}")
+fig
 """),
     ("md", """
 EAP's node effects are AtP's (the two traces overlap). EAP-IG integrates the gradient
 along the way from the corrupted to the clean input, so it sees the saturation and comes
-much closer to y = x on the heads that matter (about 17 for L1H1); its rank correlation
-is lower only because it orders the heads that do nothing (effects near 0) differently.
+much closer to y = x on the two heads that matter (Pearson near 1). Its Spearman ρ is
+lower only because it orders the 14 heads that do nothing (exact effects within ±0.1)
+differently; ranking noise among zeros does not matter for picking a circuit.
 
 ## 3. Circuits and faithfulness
 
@@ -366,51 +406,101 @@ plot_faithfulness(curve)
     ("code", """
 circuit = ig.top(n=n)
 print(circuit, "faithfulness", round(circuit.faithfulness(model, pair), 3))
-for u, v, score in circuit.edge_list()[:8]:
+print("nodes:", circuit.nodes)
+for u, v, score in circuit.edge_list():
     print(f"{u:>6} -> {v:<8} {score:7.2f}")
 plot_circuit(circuit)
 """),
     ("md", """
-Read the graph bottom-up: L0H2 reads the input through its values, L1H1 reads the input
-and MLP 0 through its values and writes the answer to the logits, directly and through
-the later MLPs. This is the head notebook 04 found by patching.
+Read the graph bottom-up. The strongest edge is **input → a0.h2.v**: head a0.h2 reads
+the prompt's tokens through its values. Its output feeds **a1.h1.v** (directly, and
+through MLP 0), and a1.h1 writes the constant to the logits, directly and through
+MLPs 1-3. No edge enters a query or a key: *where* the heads look does not depend on the
+constant, only *what* they carry does. A two-head path: a0.h2 moves the constant within
+the prompt, a1.h1 fetches it into the thinking.
 
 ## 4. What the circuit's heads attend to
 
-Capture the attention of the circuit's heads on the clean trace (`pair.clean_trace`) and
-plot it: rows are the query (destination) tokens, columns the keys they read from.
+What to look for: in **a1.h1**, the row of the query at the thinking's `a =` (position
+33, the bottom row) should put most of its weight on the key **`;` closing the statement
+`a = 7`** (position 10), not on the `7` itself. In **a0.h2**, the row of that `;`
+should look one token back, at the constant `7` (position 9): a previous-token head that
+copies each statement's value onto its closing `;`. Together: the `;` holds the value,
+and the lookup head reads it from there. How a1.h1 picks the right `;` is not measured by
+this pair: queries and keys see the same tokens in both runs, which is why no circuit
+edge enters a query or a key.
+
+We capture both heads on a trace made of exactly the pair's clean tokens
+(`Trace.from_text` with the thinking cut after `a =`).
 """),
     ("code", """
-heads = sorted({(int(s[1]), int(s.split(".h")[1])) for s in circuit.nodes if s.startswith("a")})
-print("circuit heads:", heads)
-cap = model.capture(pair.clean_trace, attention=heads)
-pattern = cap["blocks.1.attn.hook_pattern"].values[0]       # [head, query, key] of layer 1
-row = pattern[[h for _, h in heads if _ == 1].index(1), pair.answer_pos]
-top = row.topk(3)
-print("L1H1 at </think> attends to", [(int(k), pair.clean_tokens[k], round(float(w), 2)) for w, k in zip(top.values, top.indices)])
+trace = Trace.from_text(model, PROMPT, "c = b + 4 . b = a - 2 . a =")
+assert trace.token_ids == pair.clean_ids.tolist()
+cap = model.capture(trace, attention=[(0, 2), (1, 1)])
+const = pair.diff_positions[0]   # the prompt's constant; the statement is const-2 .. const+1
+semi = const + 1
+mover = cap["blocks.0.attn.hook_pattern"].values[0][0]   # [query, key] of a0.h2
+reader = cap["blocks.1.attn.hook_pattern"].values[0][0]  # [query, key] of a1.h1
+q = pair.answer_pos
+top = reader[q].topk(3)
+print(f"a1.h1 at {q} {trace.tokens[q]!r} attends to",
+      [(int(k), trace.tokens[k], round(float(w), 3)) for w, k in zip(top.values, top.indices)])
+print(f"  on the statement 'a = 7 ;' ({const - 2}..{semi}): {float(reader[q, const - 2:semi + 1].sum()):.3f}")
+print(f"a0.h2 at {semi} {trace.tokens[semi]!r} attends to {const} {trace.tokens[const]!r}: {float(mover[semi, const]):.3f}")
 plot_attention(cap, layer=1, heads=[1])
-"""),
-    ("md", """
-At `</think>` (the bottom row) L1H1 puts 0.91 of its attention on the `9` the thinking
-wrote last, at position 50: it copies the final result to where the answer is read.
-L0H2, at that `9`, spreads its attention over the digit itself and the operands it was
-computed from (`5` and `4` of `c = 5 + 4 = 9`).
 """),
     ("code", """
 plot_attention(cap, layer=0, heads=[2])
 """),
     ("md", """
-## 5. Save and load a circuit
+The same two heads do the lookup in another prompt: here the thinking's `d =` must find
+`d = 5 ;` at the start of the prompt.
+"""),
+    ("code", """
+for prompt, var, new in [(PROMPT, "a", 3), ("d = 5 ; e = d + 1 ; ? e", "d", 2)]:
+    p = lookup_pair(prompt, var, new)
+    semi = p.diff_positions[0] + 1
+    _, cache = model.bridge.run_with_cache(p.clean_ids[None])
+    w_read = float(cache["blocks.1.attn.hook_pattern"][0, 1, p.answer_pos, semi])
+    w_move = float(cache["blocks.0.attn.hook_pattern"][0, 2, semi, semi - 1])
+    print(f"{prompt!r}: a1.h1 {p.answer_pos} -> ';' {semi}: {w_read:.2f};  a0.h2 ';' {semi} -> constant {semi - 1}: {w_move:.2f}")
+"""),
+    ("md", """
+## 5. Aside: copying the answer is a different circuit
+
+Notebook 04's pair (each run with its own thinking, the metric at `</think>`) measures a
+different step: **copying** the last value the thinking wrote (`9` at position 50) to the
+answer. Its EAP-IG circuit is larger and routed differently: a1.h1's values are fed
+mostly by MLP 0 (m0 → a1.h1.v, input → m0) rather than directly by a0.h2, head a1.h0
+joins, and a1.h1 attends from `</think>` to the written `9`, not to a prompt statement.
+The same head a1.h1 serves both steps; where it looks changes.
+"""),
+    ("code", """
+copy_pair = change_constant(model, PROMPT, "a", 3)   # own thinking; answer 9 vs 5 at </think>
+copy_ig = eap(model, copy_pair, steps=5)
+copy_curve = faithfulness_curve(model, copy_pair, copy_ig)
+m = copy_curve.smallest(0.8)
+copy_circuit = copy_ig.top(n=m)
+print(f"answer copying: {m} of {copy_curve.total_edges} edges, faithfulness {copy_circuit.faithfulness(model, copy_pair):.3f}")
+print("nodes:", copy_circuit.nodes)
+print("top edges:", [f"{u}->{v} {s:.1f}" for u, v, s in copy_circuit.edge_list()[:5]])
+row = model.capture(copy_pair.clean_trace, attention=[(1, 1)])["blocks.1.attn.hook_pattern"].values[0][0, copy_pair.answer_pos]
+k = int(row.argmax())
+print(f"a1.h1 at </think> attends {float(row[k]):.2f} to position {k} {copy_pair.clean_tokens[k]!r}")
+"""),
+    ("md", """
+## 6. Save and load a circuit
 
 `Circuit.to_json` writes every edge of the graph with its score and whether it is in
 the circuit; `Circuit.from_json` reads it back (and checks the format).
 """),
     ("code", """
-path = Path(tempfile.mkdtemp()) / "circuit.json"
+path = Path(tempfile.mkdtemp()) / "lookup_circuit.json"
 circuit.to_json(path)
 loaded = Circuit.from_json(path)
 print(loaded)
 print("same edges:", torch.equal(loaded.edges, circuit.edges), "same scores:", torch.allclose(loaded.scores, circuit.scores))
+print("same faithfulness:", round(loaded.faithfulness(model, pair), 3))
 """),
 ]
 
