@@ -212,3 +212,21 @@ def test_builder_escapes_and_checks(tmp_path):
         rep.write(tmp_path, formats=("jpg",))
     with pytest.raises(ConfigError, match="n_problems=0"):
         study("organism", n_problems=0)
+    with pytest.raises(ConfigError, match="non-empty strings"):
+        study("organism", prompts=["c = 1 ; ? c", " "])
+
+
+def test_study_restores_torch_threads(organism):
+    import torch
+
+    from thinklens.report.study import _one_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError), _one_thread(True):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

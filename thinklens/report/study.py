@@ -24,7 +24,8 @@ organism's ground truth are replaced by a note on other models.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,22 @@ def report(model: Any = "organism", out: str | Path = "thinklens-report", *,
     return rep.write(out, formats=formats, progress=progress)
 
 
+@contextmanager
+def _one_thread(on: bool) -> Iterator[None]:
+    """torch on one intra-op thread inside the block, restored after it.
+
+    The organism's matrices (d_model 128) are too small for threads to pay: on a busy
+    2-core machine two threads made the study 3x slower (probe fits, mostly).
+    """
+    before = torch.get_num_threads()
+    if on:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def study(model: Any = "organism", *, prompts: Sequence[str] | None = None,
           n_problems: int = 4, n_probe: int = 60, max_new_tokens: int | None = None,
           progress: bool = True) -> Report:
@@ -88,6 +105,10 @@ def study(model: Any = "organism", *, prompts: Sequence[str] | None = None,
     for name, v, least in (("n_problems", n_problems, 1), ("n_probe", n_probe, 6)):
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise ConfigError(f"{name}={v!r}; give an integer >= {least}")
+    if prompts is not None:
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ConfigError(f"prompts={prompts!r}; give a list of non-empty strings")
     t0 = time.time()
     bar = tqdm(total=len(_STEPS), desc="report", unit="step", disable=not progress)
 
@@ -99,11 +120,19 @@ def study(model: Any = "organism", *, prompts: Sequence[str] | None = None,
         model = thinklens.load(str(model))
     organism = is_organism(model)
     bar.update()
+    with _one_thread(organism):
+        rep = _run(model, organism, prompts, n_problems, n_probe, max_new_tokens, bar, step)
+    rep.meta["study time"] = f"{time.time() - t0:.1f} s (before figure export)"
+    bar.close()
+    return rep
+
+
+def _run(model, organism, prompts, n_problems, n_probe, max_new_tokens, bar, step) -> Report:
+    import thinklens
+
     step("think")
     default = ORGANISM_PROMPTS if organism else GENERIC_PROMPTS
-    prompts = list(prompts) if prompts is not None else default[:n_problems]
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ConfigError(f"prompts={prompts!r}; give non-empty strings")
+    prompts = prompts if prompts is not None else default[:n_problems]
     budget = max_new_tokens or (96 if organism else 160)
     traces = model.think_batch(prompts, max_new_tokens=budget, progress=False)
     bar.update()
@@ -125,14 +154,12 @@ def study(model: Any = "organism", *, prompts: Sequence[str] | None = None,
                else S.skipped_circuit(model))
     bar.update()
     rep = Report(f"thinklens report: {model.name}", meta={
-        "model": repr(model), "problems": len(traces),
-        "study time": f"{time.time() - t0:.1f} s (before figure export)",
+        "model": repr(model), "problems": len(traces), "study time": "",
         "thinklens": thinklens.__version__})
     for section in (S.traces(model, traces, organism), attention, probe, lens,
                     patching.section if patching is not None else S.skipped_patching(model),
                     circuit):
         rep.add(section)
-    bar.close()
     return rep
 
 
