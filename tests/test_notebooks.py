@@ -38,6 +38,20 @@ assert torch.get_num_threads() == 1, torch.get_num_threads()
 """
 
 
+_EXPORT = re.compile(r"\b(export|export_session)\(")
+
+
+def _require_browser() -> None:
+    """Figure export renders through Chromium, which CI installs (``bash .ci/browser``)."""
+    from thinklens.errors import ThinklensError
+    from thinklens.figures import find_browser
+
+    try:
+        find_browser()
+    except ThinklensError:
+        pytest.skip("the notebook exports figures and there is no Chromium; run .ci/browser")
+
+
 def _ids(paths):
     return [p.name for p in paths]
 
@@ -103,6 +117,8 @@ def test_notebook_runs(path, tmp_path, monkeypatch, kernel_dirs):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")   # the kernel inherits os.environ
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # quiet the debugger's warning
     nb = nbformat.read(path, as_version=4)
+    if any(_EXPORT.search(c.source) for c in nb.cells if c.cell_type == "code"):
+        _require_browser()
     nb.cells.append(nbformat.v4.new_code_cell(_KERNEL_CHECK))
     km = KernelManager(kernel_name="python3",
                        kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs))
