@@ -41,7 +41,12 @@ def written(rep, tmp_path_factory):
     if _browser() is None:
         pytest.skip("no Chromium; run .ci/browser")
     out = tmp_path_factory.mktemp("report")
+    (out / FIGURES).mkdir()
+    (out / FIGURES / "99-stale.svg").write_text("<svg/>")
+    (out / FIGURES / "notes.txt").write_text("mine")
     path = rep.write(out, progress=False)
+    assert (out / FIGURES / "notes.txt").read_text() == "mine"      # not ours: kept
+    (out / FIGURES / "notes.txt").unlink()
     return path, path.read_text(encoding="utf-8")
 
 
@@ -81,6 +86,7 @@ def test_model_text_is_escaped(rep, written):
 
 def test_figure_files_are_valid_pdf_and_svg(rep, written):
     path, page = written
+    assert not (path.parent / FIGURES / "99-stale.svg").exists()   # left by an earlier run
     stems = [stem for stem, _ in rep.figures()]
     files = sorted(p.name for p in (path.parent / FIGURES).iterdir())
     assert files == sorted(f"{s}.{fmt}" for s in stems for fmt in ("pdf", "svg"))

@@ -12,7 +12,8 @@
 3. :meth:`Report.write` exports every figure as PDF and SVG into ``figures/`` (one
    browser for all, :func:`thinklens.figures.export_session`), then writes the page.
    Every file is written to a temporary name and renamed, so a reader never sees a torn
-   file; the page is written last.
+   file; the page is written last, then figure files of an earlier report in the same
+   folder that this one does not have are removed.
 """
 
 from __future__ import annotations
@@ -162,6 +163,10 @@ class Report:
                         export(f.fig, out / FIGURES / f"{stem}.{fmt}")
         page = out / PAGE
         write_text(page, self.to_html(formats))
+        keep = {f"{stem}.{fmt}" for stem, _ in figs for fmt in formats}
+        for old in (out / FIGURES).glob("[0-9][0-9]-*.*") if (out / FIGURES).is_dir() else ():
+            if old.name not in keep and old.suffix in (".pdf", ".svg", ".png"):
+                old.unlink()  # a figure of an earlier report in this folder
         return page
 
 
