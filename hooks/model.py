@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from thinklens.errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
+from thinklens.errors import ConfigError, ModelLoadError, UnsupportedArchitectureError, did_you_mean
 from thinklens.hooks.sites import canonical_sites, resolve_sites
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -162,6 +162,11 @@ def load(spec: str | Path = "organism", *, device: str | None = None,
     if checkpoint is not None and spec != "organism":
         raise ConfigError(f"checkpoint={checkpoint} applies only to 'organism'; "
                           "for other models pass revision=")
+    if spec != "organism" and "/" not in spec and not Path(spec).exists() and \
+            did_you_mean(spec, ["organism"]):
+        raise ModelLoadError(f"no model {spec!r}.{did_you_mean(spec, ['organism'])} Give "
+                             "'organism' (bundled), a Hugging Face name such as "
+                             "'deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B', a folder or a .gguf")
     if spec == "organism":
         from thinklens.zoo.organism import organism_folder
         folder = organism_folder(checkpoint)

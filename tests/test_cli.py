@@ -85,3 +85,34 @@ def test_capture_resumes_after_kill(tmp_path):
     torch.testing.assert_close(a["blocks.1.hook_resid_post"].values,
                                b["blocks.1.hook_resid_post"].values, atol=0, rtol=0)
     assert not (out / "pending-traces.jsonl").exists()
+
+
+def test_capture_resumes_after_a_torn_journal_line(tmp_path):
+    """A kill mid-write leaves half a line in pending-traces.jsonl; the rerun drops it
+    (and regenerates that trace) instead of appending after it."""
+    import thinklens
+    from thinklens._commands import PENDING, run_capture
+
+    model = thinklens.load("organism")
+    recs = [(f"p{i}", p) for i, p in enumerate(["a = 7 ; ? a", "b = 2 ; c = b + 1 ; ? c",
+                                                "d = 4 ; ? d"])]
+    out = tmp_path / "s"
+    out.mkdir()
+    first = model.think(recs[0][1], max_new_tokens=40)
+    first.meta["id"] = "p0"
+    line = json.dumps(first.to_dict())
+    (out / PENDING).write_text(line + "\n" + line[: len(line) // 2])
+    kw = {"sites": ["blocks.0.hook_resid_post"], "max_new_tokens": 40, "chunk": 2}
+    capture = model.capture
+
+    def killed(*a, **k):  # the run dies after journaling p1, before storing anything
+        raise KeyboardInterrupt
+    model.capture = killed
+    with pytest.raises(KeyboardInterrupt):
+        run_capture(model, recs, out, **kw)
+    model.capture = capture
+    journal = [json.loads(x) for x in (out / PENDING).read_text().splitlines()]
+    assert [t["meta"]["id"] for t in journal] == ["p0", "p1"]  # the torn half is gone
+    store = run_capture(model, recs, out, **kw)
+    assert store.trace_ids == ["p0", "p1", "p2"]
+    assert store.traces[0].thinking_text == first.thinking_text

@@ -129,3 +129,8 @@ def test_smollm_residuals_equal_hidden_states(smollm):
         torch.testing.assert_close(cap[f"blocks.{layer}.hook_resid_post"].values[0],
                                    hs[layer + 1][0], atol=1e-4, rtol=0)
     del ids
+
+
+def test_a_misspelt_organism_is_caught_before_the_hub():
+    with pytest.raises(ModelLoadError, match="no model 'organsim'. Did you mean 'organism'"):
+        thinklens.load("organsim")

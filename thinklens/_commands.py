@@ -37,6 +37,16 @@ def _prompt_records(path: str) -> list[tuple[str, str]]:
     return out
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a JSONL file after its last complete line (what a killed writer left)."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def run_capture(model, records, out: Path, *, sites, positions="all", attention=None,
                 max_new_tokens=256, temperature=0.0, seed=0, batch_size=8, dtype=None,
                 budget=None, chunk: int = 32) -> object:
@@ -58,6 +68,7 @@ def run_capture(model, records, out: Path, *, sites, positions="all", attention=
     done = set(store.trace_ids) if store is not None else set()
     pending = {}
     if (out / PENDING).exists():
+        _drop_torn_tail(out / PENDING)  # a kill mid-line; appending after it would bury it
         for row in _json_lines(out / PENDING):
             pending[row["meta"]["id"]] = Trace.from_dict(row)
     todo = [(pid, p) for pid, p in records if pid not in done]
