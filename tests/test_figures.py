@@ -216,3 +216,14 @@ def test_png_size_without_session(tmp_path, trace):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     assert struct.unpack(">II", data[16:24]) == (400, 300)
+
+
+def test_sentence_attention_of_a_trace_without_sentences_is_refused(organism):
+    from thinklens import Trace
+    from thinklens.errors import ConfigError
+
+    direct = Trace.from_text(organism, "b = 4 ; ? b", "</think> 4 <eos>")
+    assert direct.sentences == []
+    cap = organism.capture(direct, attention="sentence")
+    with pytest.raises(ConfigError, match="no thinking sentences.*use plot_attention"):
+        plot_sentence_attention(cap)

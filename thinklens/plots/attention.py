@@ -107,6 +107,11 @@ def plot_sentence_attention(source: Trace | ActivationReader, sentence_attention
     sa = _sentence_values(source, sentence_attention, trace_index)
     n_layers, n_heads, s_q, s_k = sa.shape
     n = len(trace.sentences)
+    if n == 0:
+        raise ConfigError(f"trace {trace_index} has no thinking sentences (thinking text "
+                          f"{theme.escape(trace.thinking_text, 60)!r}), so there is no "
+                          "sentence×sentence attention to draw; use plot_attention for "
+                          "token-level attention instead")
     if (s_q, s_k) != (n, n):
         raise ConfigError(f"sentence attention is {s_q}×{s_k} but the trace has {n} sentences; "
                           "pass the sentence_attention captured from this trace")
