@@ -24,7 +24,7 @@ def _cli(*args, **kw):
 
 @pytest.mark.parametrize("cmd", [[], ["demo"], ["capture"], ["sites"], ["organism"],
                                  ["organism", "train"], ["organism", "eval"],
-                                 ["organism", "ship"]])
+                                 ["organism", "ship"], ["probe"], ["report"]])
 def test_help_explains_each_command(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])
