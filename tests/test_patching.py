@@ -264,7 +264,7 @@ def test_smollm_resid_pre_sweep_equals_transformer_lens(smollm, ioi):
     cells = pd.DataFrame([(layer, p) for layer in (0, 14, 29) for p in (1, 3, 9, 13)],
                          columns=["layer", "pos"])
     ref = reference(smollm, ioi, "resid_pre", tlp.layer_pos_patch_setter, cells)
-    torch.testing.assert_close(r.values[cells.layer.values, cells.pos.values], ref, **SMOL)
+    torch.testing.assert_close(r.values[cells.layer.tolist(), cells.pos.tolist()], ref, **SMOL)
 
 
 @pytest.mark.smollm
