@@ -120,6 +120,18 @@ def _check_state(out: Path, cfg: dict[str, Any], rank: int) -> None:
         _write_json(file, {"capture_config": state, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
+def _check_fields(cfg: dict[str, Any], rows: list[dict]) -> None:
+    for p in cfg["probe"]:
+        if p["labels"].startswith("field:"):
+            key = p["labels"][6:]
+            absent = [k for k, r in enumerate(rows) if key not in r]
+            if absent:
+                keys = sorted({k for r in rows for k in r})
+                raise ConfigError(f"[[probe]] {p['name']!r}: labels {p['labels']!r}, but "
+                                  f"{len(absent)} prompt rows have no key {key!r} (first: row "
+                                  f"{absent[0] + 1}); keys present: {keys}")
+
+
 def _capture_stage(model, cfg, recs, out: Path, rank: int, world: int):
     from thinklens._commands import run_capture
     from thinklens.hooks.merge import merge_stores
@@ -234,6 +246,7 @@ def run_study(config: str | Path | dict[str, Any], *, progress: bool = True) -> 
         _check_state(out, cfg, rank)
         t0 = time.time()
         recs = records(cfg)
+        _check_fields(cfg, [row for _, _, row in recs])  # before hours of generation
         m = cfg["model"]
         device = m["device"]
         if device is None and world > 1:

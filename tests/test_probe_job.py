@@ -207,3 +207,30 @@ def test_cli_reports_config_errors_and_a_missing_file(tmp_path):
     helptext = subprocess.run([sys.executable, "-m", "thinklens", "probe", "--help"], env=ENV,
                               capture_output=True, text=True).stdout
     assert "torchrun" in helptext and "organism.value" in helptext
+
+
+def test_a_prompts_file_with_field_labels(tmp_path):
+    """Prompts from JSONL (any extra keys), trace-level labels read from one of them."""
+    from thinklens.zoo.evaluate import heldout_problems
+
+    rows = [{"prompt": p.prompt, "id": f"q{d}-{k}", "depth": d}
+            for d in (1, 3) for k, p in enumerate(heldout_problems(d, 8, seed=9))]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "s.toml").write_text(
+        'out = "out"\n[prompts]\nfile = "prompts.jsonl"\n[generate]\nmax_new_tokens = 72\n'
+        '[[probe]]\nname = "depth"\nlabels = "field:depth"\nn_boot = 20\n'
+        '[[probe]]\nname = "answer"\nlabels = "answer"\nn_boot = 20\ncontrol = false\n'
+        '[[probe]]\nname = "missing"\nlabels = "field:nope"\n')
+    with pytest.raises(ConfigError, match=r"field:nope.*no key 'nope'.*keys present: "
+                                          r"\['depth', 'id', 'prompt'\]"):
+        run_study(tmp_path / "s.toml", progress=False)
+    assert not (tmp_path / "out" / "store").exists()  # refused before generating anything
+    cfg = load_config(tmp_path / "s.toml")
+    cfg["probe"] = cfg["probe"][:2]
+    summary = run_study(cfg, progress=False)
+    assert Store.open(tmp_path / "out" / "store").trace_ids == [r["id"] for r in rows]
+    depth = json.loads((tmp_path / "out" / "results" / "depth.json").read_text())
+    assert depth["level"] == "trace"
+    assert depth["summary"]["n_train"] + depth["summary"]["n_test"] == 16  # one row per trace
+    assert depth["result"]["classes"] == [1, 3]
+    assert summary["probes"]["answer"]["control"] is None
