@@ -221,7 +221,8 @@ def _probe(store, p: dict, rows: list[dict], out: Path, formats: list[str]) -> d
                "control": float(res.grid("control")[k, s]) if p["control"] else None,
                "selectivity": float(res.selectivity[k, s]) if p["control"] else None,
                "ci": res.ci[main][k, s].tolist(), "n_train": res.n_train, "n_test": res.n_test,
-               "n_test_traces": res.n_test_traces}
+               "n_test_traces": res.n_test_traces,
+               "class_balance": res.to_dict()["balance"]}
     files = _figures(res, p["name"], out, formats)
     record = {"name": p["name"], "labels": p["labels"], "level": lab.level, "hash": key,
               "config": p, "summary": summary, "figures": files,

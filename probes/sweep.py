@@ -64,6 +64,7 @@ class SweepResult:
     n_train: int
     n_test: int
     n_test_traces: int
+    balance: dict[str, dict] | None = None  # classification: {"train"|"test": {class: rows}}
 
     @property
     def main_metric(self) -> str:
@@ -94,7 +95,9 @@ class SweepResult:
         return {"sites": self.sites, "positions": self.positions, "task": self.task,
                 "classes": self.classes, **lists, "selectivity": self.selectivity.tolist(),
                 "n_train": self.n_train, "n_test": self.n_test,
-                "n_test_traces": self.n_test_traces}
+                "n_test_traces": self.n_test_traces,
+                "balance": None if self.balance is None else
+                {k: [[c, n] for c, n in v.items()] for k, v in self.balance.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepResult:
@@ -102,7 +105,9 @@ class SweepResult:
              for name in ("metrics", "train", "control", "ci")}
         return cls(d["sites"], d["positions"], d["task"], d["classes"], t["metrics"],
                    t["train"], t["control"], t["ci"], torch.tensor(d["selectivity"]),
-                   d["n_train"], d["n_test"], d["n_test_traces"])
+                   d["n_train"], d["n_test"], d["n_test_traces"],
+                   None if d.get("balance") is None else
+                   {k: {c: n for c, n in v} for k, v in d["balance"].items()})
 
     def table(self, position: int = 0) -> str:
         """Markdown table, site x metric, at the ``position``-th position of the sweep."""
@@ -205,4 +210,13 @@ def sweep(acts, sites: str | Sequence[str] = "blocks.*.hook_resid_post", labels:
     return SweepResult(list(d0.sites), pos_names, d0.task, d0.classes,
                        {k: grid(v[:, 0]) for k, v in point.items()},
                        {k: grid(v) for k, v in train_scores.items()}, ctrl, ci, grid(selectivity),
-                       len(train), len(test), int(torch.unique(d0.groups[test]).numel()))
+                       len(train), len(test), int(torch.unique(d0.groups[test]).numel()),
+                       _balance(d0, train, test))
+
+
+def _balance(data: ProbeData, train: Tensor, test: Tensor) -> dict[str, dict] | None:
+    """Rows per class on each side of the split (None for regression)."""
+    if data.task != "classification":
+        return None
+    return {side: {c: int((data.y[idx] == k).sum()) for k, c in enumerate(data.classes)}
+            for side, idx in (("train", train), ("test", test))}

@@ -233,4 +233,9 @@ def test_a_prompts_file_with_field_labels(tmp_path):
     assert depth["level"] == "trace"
     assert depth["summary"]["n_train"] + depth["summary"]["n_test"] == 16  # one row per trace
     assert depth["result"]["classes"] == [1, 3]
+    balance = depth["summary"]["class_balance"]  # [class, rows] on each side of the split
+    assert sum(n for _, n in balance["train"] + balance["test"]) == 16
+    assert {c for c, _ in balance["train"]} == {1, 3}
+    assert SweepResult.from_dict(depth["result"]).balance == {
+        side: dict(v) for side, v in balance.items()}
     assert summary["probes"]["answer"]["control"] is None
