@@ -62,7 +62,7 @@ def test_page_is_self_contained_with_plotly_inline_once(rep, written):
     path, page = written
     n = len(rep.figures())
     n_att = len(_section(rep, "Attention").figures)  # a figure per layer of the two heads + 1
-    assert path.name == PAGE and n_att in (2, 3) and n == 3 + n_att + 2 + 2 + 2
+    assert path.name == PAGE and n_att in (2, 3) and n == 3 + n_att + 2 + 2 + 3
     assert page.count(get_plotlyjs()) == 1                     # the whole library, once
     assert page.count("plotly.js v") == 1
     tags = re.findall(r"<script\b[^>]*>", page)
@@ -177,6 +177,9 @@ def test_circuit_holds_the_head_exact_patching_ranks_first(rep):
     n = int(re.search(r"the (\d+) highest-scoring edges", s.text)[1])
     curve = s.figures[1].fig.data[0]
     assert faith >= 0.8 and max(curve.y) >= 0.8 and n in list(curve.x)
+    scatter = {t.name.split(" (")[0]: t for t in s.figures[2].fig.data if t.meta}  # vs exact z
+    assert set(scatter) == {"AtP", "EAP-IG"}
+    assert scatter["AtP"].meta["spearman"] >= 0.8 and scatter["AtP"].meta["n"] == 16
 
 
 def test_logit_lens_ends_on_the_answer(rep):

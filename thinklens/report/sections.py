@@ -250,9 +250,9 @@ def skipped_patching(model: Any) -> Section:
 
 # ---- 5. circuit ---------------------------------------------------------------------------
 
-def circuit(model: Any, pair: Any, at_least: float = 0.8) -> Section:
-    from thinklens.circuits import eap, faithfulness_curve
-    from thinklens.plots import plot_circuit, plot_faithfulness
+def circuit(model: Any, pair: Any, exact_z: Any = None, at_least: float = 0.8) -> Section:
+    from thinklens.circuits import atp, eap, faithfulness_curve
+    from thinklens.plots import plot_attribution_scatter, plot_circuit, plot_faithfulness
 
     full = eap(model, pair, steps=5, progress=False)
     curve = faithfulness_curve(model, pair, full, progress=False)
@@ -273,6 +273,13 @@ def circuit(model: Any, pair: Any, at_least: float = 0.8) -> Section:
              f"The {n}-edge circuit; width and colour by EAP-IG score.")
     s.figure("circuit-faithfulness", plot_faithfulness(curve),
              "Faithfulness of the top-n edges against n.")
+    if exact_z is not None:
+        estimates = {"AtP": atp(model, pair, "z", by=("layer", "head")),
+                     "EAP-IG": full.node_effects("z")}
+        s.figure("attribution-vs-exact", plot_attribution_scatter(estimates, exact_z),
+                 "Each head's effect estimated by AtP (one forward and one backward pass) "
+                 "and by EAP-IG (its summed outgoing edge scores) against exact activation "
+                 "patching of its output (the patching section's z grid).")
     s.table = Table(["sender", "receiver", "EAP-IG score"],
                     [[a, b, v] for a, b, v in c.edge_list()[:12]], mono=(0, 1))
     return s

@@ -150,7 +150,7 @@ def _run(model, organism, prompts, n_problems, n_probe, max_new_tokens, bar, ste
     lens = S.logit_lens(model, traces)
     bar.update()
     step("circuit")
-    circuit = (S.circuit(model, patching.pair) if patching is not None
+    circuit = (S.circuit(model, patching.pair, patching.z) if patching is not None
                else S.skipped_circuit(model))
     bar.update()
     rep = Report(f"thinklens report: {model.name}", meta={
