@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import torch
 
 from thinklens.errors import ConfigError, StoreError
+
+from ._fileio import sha256
 
 POSITIONS = "__positions__"
 _FORMAT, _VERSION, _MANIFEST = "thinklens.store", 2, "manifest.json"
@@ -64,3 +67,36 @@ def _load_manifest(file: Path) -> dict[str, Any]:
 def traces_file(shard: str) -> str:
     """``shard-000001.traces.json`` for ``shard-000001.safetensors``: the shard's traces."""
     return shard.removesuffix(".safetensors") + ".traces.json"
+
+
+def shard_problem(folder: Path, entry: dict, traces: list[dict], verify: str) -> str | None:
+    """What is wrong with one listed shard (and its traces file), or None if it checks out.
+
+    ``verify="size"``: byte counts and the safetensors header (every tensor the manifest
+    lists for it present, data ending at the file's end); ``"hash"``: also the sha256.
+    """
+    if "traces_file" in entry:
+        side = folder / entry["traces_file"]
+        size = side.stat().st_size if side.is_file() else None
+        if size != entry["traces_bytes"]:
+            return (f"expected its {entry['traces_file']} of {entry['traces_bytes']} bytes, "
+                    f"found {size if size is not None else 'no file'}")
+    file, want = folder / entry["file"], entry["bytes"]
+    size = file.stat().st_size if file.is_file() else None
+    if size != want:
+        return f"expected {want} bytes, found {size if size is not None else 'no file'}" + (
+            " (truncated)" if size is not None and size < want else "")
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (ValueError, struct.error, KeyError, TypeError, IndexError) as e:
+        return f"expected a safetensors header, found an unreadable one ({e})"
+    names = {f"{k}/{t['n']}" for t in traces if t["shard"] == entry["file"] for k in t["rows"]}
+    if 8 + n + end != size or not names <= header.keys():
+        return f"expected {sorted(names)[:3]}… ending at byte {size}, found a different header"
+    if verify == "hash" and (found := sha256(file)) != entry["sha256"]:
+        return f"expected sha256 {entry['sha256'][:16]}…, found {found[:16]}… (altered)"
+    return None

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +72,7 @@ from ._store_format import (
     POSITIONS,
     _check_create,
     _load_manifest,
+    shard_problem,
     traces_file,
 )
 from .activations import ActivationReader
@@ -156,37 +156,9 @@ class Store(ActivationReader):
 
     def _problems(self, verify: str) -> list[tuple[str, str]]:
         """(file, what was expected and found) for each listed shard that fails ``verify``."""
-        found = [(s["file"], self._shard_problem(s, verify)) for s in self._m["shards"]
-                 if verify != "none"]
+        found = [(s["file"], shard_problem(self.path, s, self._m["traces"], verify))
+                 for s in self._m["shards"] if verify != "none"]
         return [(file, why) for file, why in found if why]
-
-    def _shard_problem(self, entry: dict, verify: str) -> str | None:
-        if "traces_file" in entry:
-            side = self.path / entry["traces_file"]
-            size = side.stat().st_size if side.is_file() else None
-            if size != entry["traces_bytes"]:
-                return (f"expected its {entry['traces_file']} of {entry['traces_bytes']} bytes, "
-                        f"found {size if size is not None else 'no file'}")
-        file, want = self.path / entry["file"], entry["bytes"]
-        size = file.stat().st_size if file.is_file() else None
-        if size != want:
-            return f"expected {want} bytes, found {size if size is not None else 'no file'}" + (
-                " (truncated)" if size is not None and size < want else "")
-        try:
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                      default=0)
-        except (ValueError, struct.error, KeyError, TypeError, IndexError) as e:
-            return f"expected a safetensors header, found an unreadable one ({e})"
-        names = {f"{k}/{t['n']}" for t in self._m["traces"] if t["shard"] == entry["file"]
-                 for k in t["rows"]}
-        if 8 + n + end != size or not names <= header.keys():
-            return f"expected {sorted(names)[:3]}… ending at byte {size}, found a different header"
-        if verify == "hash" and (found := sha256(file)) != entry["sha256"]:
-            return f"expected sha256 {entry['sha256'][:16]}…, found {found[:16]}… (altered)"
-        return None
 
     def repair(self, verify: str = "hash") -> list[str]:
         """Drop every shard that fails ``verify`` (and delete it); return the dropped trace ids."""
