@@ -199,3 +199,32 @@ def test_lookup_circuit(organism, prompt, new, statement):
     assert reader[first:end + 1].sum() > 0.8 and reader.argmax() == end
     mover = cache["blocks.0.attn.hook_pattern"][0, 2, end]
     assert mover[end - 1] > 0.9
+
+
+def test_finding_the_statement_goes_through_the_lookup_heads_key(organism):
+    """Swap which statement defines 'a' (prompt names swapped, values in place): the same
+    lookup step now needs the *key* side. EAP-IG's circuit: a0.h3 moves the statement's
+    variable name onto its ';', which is what a1.h1's key matches at the thinking's 'a ='."""
+    from thinklens.hooks.trace import Trace
+    from thinklens.zoo.organism import token_truth
+
+    clean_p = "c = b + 4 ; a = 7 ; b = a - 2 ; g = 3 ; ? c"
+    swap_p = "c = b + 4 ; g = 7 ; b = a - 2 ; a = 3 ; ? c"
+    clean = organism.think(clean_p, max_new_tokens=60)
+    swap = Trace.from_text(organism, swap_p, clean.text[len(organism.render_prompt(clean_p)):])
+    look = next(i for i, t in enumerate(token_truth(clean))
+                if t and t.phase == "resolve" and t.role == "eq" and t.var == "a")
+    pair = make_pair(organism, clean.token_ids[:look + 1], swap.token_ids[:look + 1],
+                     answer="7", wrong="3", answer_pos=look)
+    assert pair.diff_positions == [7, 17]  # the two variable names, nothing else
+    scored = eap(organism, pair, steps=5)
+    curve = faithfulness_curve(organism, pair, scored, sizes=[8, 11, 15, scored.n_edges // 10])
+    smallest = curve.smallest(0.8)
+    assert smallest is not None and smallest <= 0.1 * scored.n_edges   # measured: 11 (0.87)
+    edges = {(a, b) for a, b, _ in scored.top(n=smallest).edge_list()}
+    assert {("input", "a0.h3.v"), ("a0.h3", "a1.h1.k")} <= edges, edges
+    _, cache = organism.bridge.run_with_cache(pair.clean_ids[None])
+    namer = cache["blocks.0.attn.hook_pattern"][0, 3, 10]    # from the ';' closing 'a = 7'
+    assert namer.argmax() == 7 and namer[7] > 0.9            # to the name (measured 0.999)
+    reader = cache["blocks.1.attn.hook_pattern"][0, 1, look]
+    assert reader.argmax() == 10 and reader[7:11].sum() > 0.8
