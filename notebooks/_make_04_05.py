@@ -428,7 +428,7 @@ should look one token back, at the constant `7` (position 9): a previous-token h
 copies each statement's value onto its closing `;`. Together: the `;` holds the value,
 and the lookup head reads it from there. How a1.h1 picks the right `;` is not measured by
 this pair: queries and keys see the same tokens in both runs, which is why no circuit
-edge enters a query or a key.
+edge enters a query or a key. The next section measures it with another pair.
 
 We capture both heads on a trace made of exactly the pair's clean tokens
 (`Trace.from_text` with the thinking cut after `a =`).
@@ -466,7 +466,52 @@ for prompt, var, new in [(PROMPT, "a", 3), ("d = 5 ; e = d + 1 ; ? e", "d", 2)]:
     print(f"{prompt!r}: a1.h1 {p.answer_pos} -> ';' {semi}: {w_read:.2f};  a0.h2 ';' {semi} -> constant {semi - 1}: {w_move:.2f}")
 """),
     ("md", """
-## 5. Aside: copying the answer is a different circuit
+## 5. How a1.h1 finds the statement: swap the names
+
+To make *which* statement defines `a` the only difference, swap two variable names in
+the prompt and keep every value in place: clean `… ; a = 7 ; … ; g = 3 ; ? c`, corrupted
+`… ; g = 7 ; … ; a = 3 ; ? c`, both with the clean thinking up to `a =`. Now the
+corrupted run should look up the *other* statement and write 3. Whatever carries the
+difference must go through how the lookup head chooses where to look: its query or key.
+"""),
+    ("code", """
+clean_p = "c = b + 4 ; a = 7 ; b = a - 2 ; g = 3 ; ? c"
+swap_p = "c = b + 4 ; g = 7 ; b = a - 2 ; a = 3 ; ? c"
+clean_trace = model.think(clean_p, max_new_tokens=60)
+swap_trace = Trace.from_text(model, swap_p, clean_trace.text[len(model.render_prompt(clean_p)):])
+look = next(i for i, t in enumerate(token_truth(clean_trace))
+            if t and t.phase == "resolve" and t.role == "eq" and t.var == "a")
+swap = make_pair(model, clean_trace.token_ids[:look + 1], swap_trace.token_ids[:look + 1],
+                 answer="7", wrong="3", answer_pos=look)
+print("differ at", [f"{i}:{swap.labels()[i]}" for i in swap.diff_positions])
+swap_ig = eap(model, swap, steps=5)
+swap_curve = faithfulness_curve(model, swap, swap_ig)
+k = swap_curve.smallest(0.8)
+swap_circuit = swap_ig.top(n=k)
+print(f"{k} of {swap_curve.total_edges} edges, faithfulness {swap_circuit.faithfulness(model, swap):.3f}")
+for u, v, score in swap_circuit.edge_list()[:6]:
+    print(f"{u:>6} -> {v:<8} {score:7.2f}")
+plot_circuit(swap_circuit)
+"""),
+    ("md", """
+The strongest edges now run **input → a0.h3.v → a1.h1.k**: a *key* path through another
+layer-0 head. At the `;` closing `a = 7`, head a0.h3 looks three tokens back, at the
+variable's **name**, while a0.h2 (section 4) looks one token back, at its **value**. So
+each statement's `;` holds a key (the name, written by a0.h3) and a value (the constant,
+written by a0.h2), and a1.h1 at the thinking's `a =` matches its query against those
+keys and reads the value: a key-value lookup built from two layer-0 heads and one
+layer-1 head.
+"""),
+    ("code", """
+cap3 = model.capture(clean_trace, attention=[(0, 2), (0, 3)])
+p0 = cap3["blocks.0.attn.hook_pattern"].values[0]      # [head (2, 3), query, key]
+semi = 10   # the ';' closing 'a = 7'
+print(f"a0.h3 at ';' {semi} attends {float(p0[1, semi, 7]):.3f} to the name {clean_trace.tokens[7]!r} (7)")
+print(f"a0.h2 at ';' {semi} attends {float(p0[0, semi, 9]):.3f} to the value {clean_trace.tokens[9]!r} (9)")
+plot_attention(cap3, layer=0, heads=[3])
+"""),
+    ("md", """
+## 6. Aside: copying the answer is a different circuit
 
 Notebook 04's pair (each run with its own thinking, the metric at `</think>`) measures a
 different step: **copying** the last value the thinking wrote (`9` at position 50) to the
@@ -489,7 +534,7 @@ k = int(row.argmax())
 print(f"a1.h1 at </think> attends {float(row[k]):.2f} to position {k} {copy_pair.clean_tokens[k]!r}")
 """),
     ("md", """
-## 6. Save and load a circuit
+## 7. Save and load a circuit
 
 `Circuit.to_json` writes every edge of the graph with its score and whether it is in
 the circuit; `Circuit.from_json` reads it back (and checks the format).
