@@ -116,3 +116,20 @@ def test_capture_resumes_after_a_torn_journal_line(tmp_path):
     store = run_capture(model, recs, out, **kw)
     assert store.trace_ids == ["p0", "p1", "p2"]
     assert store.traces[0].thinking_text == first.thinking_text
+
+
+def test_the_readme_commands_are_the_ones_ci_and_the_tests_run():
+    """The README's two commands: setup + `thinklens report` (tested in test_report.py),
+    and `bash .ci/run`, which must set up, lint and run this test suite."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme.split("## The two commands", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)\n```", section, re.S)
+    assert blocks == ["bash .ci/setup && .venv/bin/thinklens report --out thinklens-report",
+                      "bash .ci/run"]
+    ci = (root / ".ci" / "run").read_text()
+    assert "bash .ci/setup" in ci and "ruff check ." in ci and "python -m pytest -q" in ci
+    out = _cli("report", "--help")
+    assert out.returncode == 0 and "--out" in out.stdout
