@@ -17,11 +17,18 @@ from thinklens.circuits.attribution import AttributionResult, atp, eap
 from thinklens.circuits.circuit import Circuit, FaithfulnessCurve, faithfulness_curve
 from thinklens.circuits.graph import Graph
 from thinklens.circuits.metrics import Metric, answer_prob, kl_to, logit_diff, normalized
-from thinklens.circuits.pairs import Pair, change_constant, change_thinking_value, make_pair
+from thinklens.circuits.pairs import (
+    Pair,
+    change_constant,
+    change_thinking_value,
+    lookup_step,
+    make_pair,
+    swap_names,
+)
 from thinklens.circuits.patching import SITE_KINDS, PatchResult, patch
 from thinklens.circuits.paths import path_patch
 
 __all__ = ["patch", "path_patch", "PatchResult", "make_pair", "Pair", "change_constant",
            "change_thinking_value", "logit_diff", "answer_prob", "kl_to", "normalized",
            "Metric", "SITE_KINDS", "atp", "eap", "AttributionResult", "Circuit", "Graph",
-           "FaithfulnessCurve", "faithfulness_curve"]
+           "FaithfulnessCurve", "faithfulness_curve", "swap_names", "lookup_step"]

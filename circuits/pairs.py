@@ -210,3 +210,80 @@ def change_thinking_value(model: Any, prompt: str, var: str, new: int, *,
     return _organism_pair(model, (problem.prompt, problem.prompt), problem.thinking_tokens(),
                           tokens, problem.answer, implied,
                           f"changing the written value of {var!r} to {new}")
+
+
+def swap_names(model: Any, prompt: str, var: str, other: str, *,
+               thinking: str = "clean") -> Pair:
+    """Swap which statements define ``var`` and ``other`` (the names trade places; every
+    constant, operand and the query stay put), so the corrupted run must look ``var`` up
+    in the other statement.
+
+    ``thinking="clean"`` (default): both traces carry the clean prompt's thinking, so the
+    two names in the prompt are the only tokens that differ; ``"own"``: each its own.
+
+    Example::
+
+        pair = swap_names(model, "c = b + 4 ; a = 7 ; b = a - 2 ; g = 3 ; ? c", "a", "g")
+        pair.diff_positions          # [7, 17]: the two names
+        step = lookup_step(model, pair, "a")   # read at the thinking's 'a =': 7 vs 3
+    """
+    from thinklens.zoo.task import problem_from_prompt
+
+    if thinking not in ("own", "clean"):
+        raise ConfigError(f"thinking={thinking!r}; valid: 'own', 'clean'")
+    problem = problem_from_prompt(prompt)
+    names = [s.var for s in problem.statements]
+    bad = [v for v in (var, other) if v not in names]
+    if bad or var == other:
+        raise ConfigError(f"swap_names needs two different variables defined in {prompt!r}; "
+                          f"got {var!r} and {other!r}, valid: {names}")
+    i, j = names.index(var), names.index(other)
+    statements = list(problem.statements)
+    statements[i], statements[j] = (replace(statements[i], var=other),
+                                    replace(statements[j], var=var))
+    corrupt = replace(problem, statements=statements).prompt
+    try:
+        swapped = problem_from_prompt(corrupt)
+    except ConfigError as e:
+        raise ConfigError(f"swapping {var!r} and {other!r} in {prompt!r} gives no valid "
+                          f"problem ({e}); swap two statements that read no variable") from e
+    think = swapped.thinking_tokens() if thinking == "own" else problem.thinking_tokens()
+    return _organism_pair(model, (problem.prompt, swapped.prompt), problem.thinking_tokens(),
+                          think, problem.answer, swapped.answer,
+                          f"swapping the names {var!r} and {other!r}")
+
+
+def lookup_step(model: Any, pair: Pair, var: str) -> Pair:
+    """``pair`` cut after the thinking's lookup of ``var``: the resolve step ``var =``.
+
+    The metric then reads what the model writes next, copied from the prompt statement
+    defining ``var``: the clean prompt's token (answer) against the corrupted prompt's
+    (wrong). Build ``pair`` with ``change_constant(..., thinking="clean")`` or
+    :func:`swap_names`, so that the thinking up to that step is the same in both runs.
+
+    Example::
+
+        pair = change_constant(model, "c = b + 4 ; a = 7 ; b = a - 2 ; ? c", "a", 3,
+                               thinking="clean")
+        step = lookup_step(model, pair, "a")   # 34 tokens; answer '7', wrong '3' at 33
+    """
+    from thinklens.zoo.organism import token_truth
+    from thinklens.zoo.task import problem_from_prompt
+
+    if not isinstance(pair, Pair) or pair.clean_trace is None or pair.corrupt_trace is None:
+        raise ConfigError("lookup_step needs an organism pair made from traces, e.g. "
+                          "change_constant(model, prompt, var, new, thinking='clean')")
+    truth = token_truth(pair.clean_trace)
+    steps = [t.var for t in truth if t and t.phase == "resolve" and t.role == "eq"]
+    if var not in steps:
+        raise ConfigError(f"the thinking looks up no {var!r}; it looks up {steps}")
+    pos = next(i for i, t in enumerate(truth)
+               if t and t.phase == "resolve" and t.role == "eq" and t.var == var)
+    stmt = next(s for s in problem_from_prompt(pair.corrupt_trace.prompt).statements
+                if s.var == var)
+    answer, wrong = pair.clean_tokens[pos + 1].strip(), stmt.tokens()[2]
+    if answer == wrong:
+        raise ConfigError(f"at the lookup of {var!r} both prompts give {answer!r}; the "
+                          "corruption does not change this step")
+    return make_pair(model, pair.clean_ids[:pos + 1], pair.corrupt_ids[:pos + 1],
+                     answer=answer, wrong=wrong, answer_pos=pos)

@@ -286,19 +286,20 @@ from pathlib import Path
 import torch
 
 import thinklens
-from thinklens.circuits import Circuit, atp, change_constant, eap, faithfulness_curve, make_pair, patch
+from thinklens.circuits import (Circuit, atp, change_constant, eap, faithfulness_curve, lookup_step,
+                                patch, swap_names)
 from thinklens.hooks.trace import Trace
 from thinklens.plots import plot_attention, plot_attribution_scatter, plot_circuit, plot_faithfulness
-from thinklens.zoo.organism import token_truth
 """),
     ("md", """
 ## The pair: one thinking step, only the prompt's constant differs
 
 `change_constant(..., thinking="clean")` changes the prompt's `a = 7` to `a = 3` but
 gives **both** runs the clean thinking, so the prompt's constant (position 9) is the only
-token that differs. `token_truth` labels each thinking token; the lookup step is the
-resolve-phase `=` of `a`. We cut both inputs right after it and read the next-token
-logits there: the metric is `logit(7) - logit(3)` at the thinking's `a =`.
+token that differs. `lookup_step` finds the lookup step from the ground truth of each
+thinking token (`thinklens.zoo.organism.token_truth`): the resolve-phase `=` of `a`. It
+cuts both inputs right after it and reads the next-token logits there: the metric is
+`logit(7) - logit(3)` at the thinking's `a =`.
 """),
     ("code", """
 model = thinklens.load("organism")
@@ -307,11 +308,7 @@ PROMPT = "c = b + 4 ; a = 7 ; b = a - 2 ; ? c"
 
 def lookup_pair(prompt, var, new):
     \"\"\"The step writing var's constant: predict it after the thinking's 'var ='.\"\"\"
-    full = change_constant(model, prompt, var, new, thinking="clean")
-    pos = next(i for i, t in enumerate(token_truth(full.clean_trace))
-               if t and t.phase == "resolve" and t.role == "eq" and t.var == var)
-    return make_pair(model, full.clean_ids[:pos + 1], full.corrupt_ids[:pos + 1],
-                     answer=full.clean_tokens[pos + 1], wrong=str(new), answer_pos=pos)
+    return lookup_step(model, change_constant(model, prompt, var, new, thinking="clean"), var)
 
 
 pair = lookup_pair(PROMPT, "a", 3)
@@ -475,14 +472,10 @@ corrupted run should look up the *other* statement and write 3. Whatever carries
 difference must go through how the lookup head chooses where to look: its query or key.
 """),
     ("code", """
-clean_p = "c = b + 4 ; a = 7 ; b = a - 2 ; g = 3 ; ? c"
-swap_p = "c = b + 4 ; g = 7 ; b = a - 2 ; a = 3 ; ? c"
-clean_trace = model.think(clean_p, max_new_tokens=60)
-swap_trace = Trace.from_text(model, swap_p, clean_trace.text[len(model.render_prompt(clean_p)):])
-look = next(i for i, t in enumerate(token_truth(clean_trace))
-            if t and t.phase == "resolve" and t.role == "eq" and t.var == "a")
-swap = make_pair(model, clean_trace.token_ids[:look + 1], swap_trace.token_ids[:look + 1],
-                 answer="7", wrong="3", answer_pos=look)
+names = swap_names(model, "c = b + 4 ; a = 7 ; b = a - 2 ; g = 3 ; ? c", "a", "g")
+print("corrupted prompt:", names.corrupt_trace.prompt)
+swap = lookup_step(model, names, "a")     # cut at the thinking's 'a =': 7 (clean) vs 3
+clean_trace = names.clean_trace
 print("differ at", [f"{i}:{swap.labels()[i]}" for i in swap.diff_positions])
 swap_ig = eap(model, swap, steps=5)
 swap_curve = faithfulness_curve(model, swap, swap_ig)

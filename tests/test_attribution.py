@@ -24,15 +24,12 @@ FD = {"atol": 2e-3, "rtol": 2e-2}  # central differences in float32 with step 1e
 
 def lookup_pair(model, prompt, new):
     """The resolve step writing the root's constant: predict '7' after thinking 'a ='."""
-    from thinklens.zoo.organism import token_truth
+    from thinklens.circuits import lookup_step
     from thinklens.zoo.task import problem_from_prompt
 
     root = problem_from_prompt(prompt).chain[0]
-    p = change_constant(model, prompt, root, new, thinking="clean")  # only the prompt differs
-    pos = next(i for i, t in enumerate(token_truth(p.clean_trace))
-               if t and t.phase == "resolve" and t.role == "eq" and t.var == root)
-    return make_pair(model, p.clean_ids[:pos + 1], p.corrupt_ids[:pos + 1],
-                     answer=p.clean_tokens[pos + 1], wrong=str(new), answer_pos=pos)
+    pair = change_constant(model, prompt, root, new, thinking="clean")  # only the prompt differs
+    return lookup_step(model, pair, root)
 
 
 @pytest.fixture(scope="module")

@@ -205,17 +205,11 @@ def test_finding_the_statement_goes_through_the_lookup_heads_key(organism):
     """Swap which statement defines 'a' (prompt names swapped, values in place): the same
     lookup step now needs the *key* side. EAP-IG's circuit: a0.h3 moves the statement's
     variable name onto its ';', which is what a1.h1's key matches at the thinking's 'a ='."""
-    from thinklens.hooks.trace import Trace
-    from thinklens.zoo.organism import token_truth
+    from thinklens.circuits import lookup_step, swap_names
 
-    clean_p = "c = b + 4 ; a = 7 ; b = a - 2 ; g = 3 ; ? c"
-    swap_p = "c = b + 4 ; g = 7 ; b = a - 2 ; a = 3 ; ? c"
-    clean = organism.think(clean_p, max_new_tokens=60)
-    swap = Trace.from_text(organism, swap_p, clean.text[len(organism.render_prompt(clean_p)):])
-    look = next(i for i, t in enumerate(token_truth(clean))
-                if t and t.phase == "resolve" and t.role == "eq" and t.var == "a")
-    pair = make_pair(organism, clean.token_ids[:look + 1], swap.token_ids[:look + 1],
-                     answer="7", wrong="3", answer_pos=look)
+    pair = lookup_step(organism, swap_names(organism, "c = b + 4 ; a = 7 ; b = a - 2 ; g = 3 ; ? c",
+                                            "a", "g"), "a")
+    look = pair.answer_pos
     assert pair.diff_positions == [7, 17]  # the two variable names, nothing else
     scored = eap(organism, pair, steps=5)
     curve = faithfulness_curve(organism, pair, scored, sizes=[8, 11, 15, scored.n_edges // 10])

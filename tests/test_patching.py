@@ -8,7 +8,13 @@ import torch
 from transformer_lens import patching as tlp
 
 from thinklens.circuits.metrics import answer_prob, kl_to, logit_diff
-from thinklens.circuits.pairs import change_constant, change_thinking_value, make_pair
+from thinklens.circuits.pairs import (
+    change_constant,
+    change_thinking_value,
+    lookup_step,
+    make_pair,
+    swap_names,
+)
 from thinklens.circuits.patching import PatchResult, patch
 from thinklens.circuits.paths import path_patch
 from thinklens.errors import ConfigError, SiteError
@@ -226,6 +232,31 @@ def test_organism_pairs_are_aligned(organism):
     one = change_thinking_value(organism, PROMPT, "c", 1, propagate=False)
     assert len(one.diff_positions) == 1 and one.wrong == organism.encode("1")[0]
     assert one.clean_trace.think_span == one.corrupt_trace.think_span
+
+
+def test_name_swaps_and_lookup_steps(organism):
+    four = "c = b + 4 ; a = 7 ; b = a - 2 ; g = 3 ; ? c"
+    swap = swap_names(organism, four, "a", "g")
+    assert swap.diff_positions == [7, 17]                       # only the two names
+    assert swap.corrupt_trace.prompt == "c = b + 4 ; g = 7 ; b = a - 2 ; a = 3 ; ? c"
+    assert (swap.answer, swap.wrong) == tuple(organism.encode("9 5"))  # a = 3 -> b = 1 -> c = 5
+    own = swap_names(organism, four, "a", "g", thinking="own")
+    assert len(own.diff_positions) > 2
+    step = lookup_step(organism, swap, "a")
+    assert step.clean_tokens[step.answer_pos - 1:step.answer_pos + 1] == ["a", "="]
+    assert swap.clean_tokens[step.answer_pos + 1] == "7" and len(step) == step.answer_pos + 1
+    assert (step.answer, step.wrong) == tuple(organism.encode("7 3"))
+    const = lookup_step(organism, change_constant(organism, PROMPT, "a", 3, thinking="clean"),
+                        "a")
+    assert const.diff_positions == [9] and const.answer_pos == 33
+    with pytest.raises(ConfigError, match=r"two different variables.*valid: \['c', 'a', 'b', 'g'\]"):
+        swap_names(organism, four, "a", "x")
+    with pytest.raises(ConfigError, match="no valid problem"):
+        swap_names(organism, four, "a", "b")                    # b = a - 2 would read itself
+    with pytest.raises(ConfigError, match=r"looks up no 'x'; it looks up \['c', 'b', 'a'\]"):
+        lookup_step(organism, swap, "x")
+    with pytest.raises(ConfigError, match="does not change this step"):
+        lookup_step(organism, change_constant(organism, PROMPT, "a", 3, thinking="clean"), "b")
 
 
 def test_errors(organism, org_pair):
