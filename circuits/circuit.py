@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from thinklens.circuits import _edges
 from thinklens.circuits.graph import Graph
 from thinklens.circuits.metrics import check_rows
-from thinklens.circuits.pairs import Pair, _tokens
+from thinklens.circuits.pairs import Pair, input_tokens
 from thinklens.circuits.patching import _recorder, _run, _setup, rows_per_pass
 from thinklens.errors import ConfigError
 
@@ -283,7 +283,7 @@ def _mean_outputs(model: Any, inputs: Sequence[Any], n: int) -> Tensor:
     weights = _edges.layer_weights(model)
     outs = []
     for k, x in enumerate(inputs):
-        ids = torch.tensor(_tokens(model, x, f"mean_over[{k}]")[0])[None]
+        ids = torch.tensor(input_tokens(model, x, f"mean_over[{k}]")[0])[None]
         acts: dict[str, Tensor] = {}
         rec = _recorder(acts)
         _run(model, ids, ids.shape[1] - 1, [rec(s) for s in model.sites(list(_edges.SENDER_SITES))])

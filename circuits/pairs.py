@@ -65,7 +65,11 @@ class Pair:
         return [a if a == b else f"{a}/{b}" for a, b in zip(self.clean_tokens, self.corrupt_tokens)]
 
 
-def _tokens(model: Any, x: Any, which: str) -> tuple[list[int], list[str], Trace | None]:
+def input_tokens(model: Any, x: Any, which: str) -> tuple[list[int], list[str], Trace | None]:
+    """(ids, token strings, trace or None) of one patching input: text, token ids or a Trace.
+
+    ``which`` names the input in error messages (``"clean"``, ``"corrupted"``).
+    """
     if isinstance(x, Trace):
         check_tokenizer(x, model.tokenizer)
         return list(x.token_ids), list(x.tokens), x
@@ -101,8 +105,8 @@ def make_pair(model: Any, clean: str | Trace | Any, corrupt: str | Trace | Any, 
               answer: str | int | None = None, wrong: str | int | None = None,
               answer_pos: int = -1) -> Pair:
     """An aligned :class:`Pair`; raises ConfigError when the token lengths differ."""
-    c_ids, c_toks, c_trace = _tokens(model, clean, "clean")
-    x_ids, x_toks, x_trace = _tokens(model, corrupt, "corrupted")
+    c_ids, c_toks, c_trace = input_tokens(model, clean, "clean")
+    x_ids, x_toks, x_trace = input_tokens(model, corrupt, "corrupted")
     if len(c_ids) != len(x_ids):
         i = next((k for k, (a, b) in enumerate(zip(c_ids, x_ids)) if a != b),
                  min(len(c_ids), len(x_ids)))
