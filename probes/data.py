@@ -24,7 +24,8 @@ turns a :class:`~thinklens.Capture` or :class:`~thinklens.Store` plus labels int
 4. **Features.** Each site is read once; the rows of every site are gathered at the same
    (trace, token) pairs, so ``X[s, i]`` and ``X[t, i]`` are the same token.
 
-Rows of one trace are not independent: :func:`group_split` splits by trace, never by row.
+Rows of one trace are not independent: :func:`split_traces` (and :func:`group_split` on a
+:class:`ProbeData`) splits by trace, never by row.
 """
 
 from __future__ import annotations
@@ -259,25 +260,59 @@ def probe_data(acts, sites: str | Sequence[str], labels: Any, *, level: str = "t
     return build(acts, sites, labels, level=level, positions=(offset,), task=task)[0]
 
 
+def split_traces(traces: int | Int[Tensor, " n"], test_frac: float = 0.25, seed: int = 0,  # noqa: F722
+                 ) -> tuple[Int[Tensor, " n_train"], Int[Tensor, " n_test"]]:  # noqa: F722
+    """Train and test indices with every trace wholly on one side: the one split rule.
+
+    ``traces`` is either the number of traces ``n`` (one row per trace: the indices
+    returned are trace indices ``0..n-1``) or ``groups [n]``, the trace id of each row
+    (the indices returned are rows). The rule, fixed so that every analysis splitting
+    the same traces with the same seed puts the same traces in the test set:
+
+    1. take the distinct trace ids in ascending order (``G`` of them; ``arange(n)`` for
+       an int);
+    2. permute them with ``torch.randperm(G, generator=torch.Generator().manual_seed(seed))``;
+    3. the first ``min(max(1, round(test_frac * G)), G - 1)`` permuted traces are the test
+       traces (at least one on each side), the rest train;
+    4. return the train and test indices (rows of those traces), each ascending.
+
+    Example::
+
+        train, test = split_traces(torch.tensor([0, 0, 1, 1, 2, 3]), test_frac=0.25)
+        train, test                       # rows, e.g. tensor([0, 1, 2, 3, 4]), tensor([5])
+        split_traces(8, 0.25, seed=0)     # trace indices: 6 train, 2 test
+    """
+    if not 0 < test_frac < 1:
+        raise ConfigError(f"test_frac={test_frac!r}; choose a fraction in (0, 1) such as 0.25")
+    if isinstance(traces, Tensor):
+        groups = traces.reshape(-1).long().cpu()
+    elif isinstance(traces, numbers.Integral) and not isinstance(traces, bool):
+        groups = torch.arange(int(traces))
+    else:
+        raise ConfigError(f"traces={traces!r}; give the number of traces (int) or the trace "
+                          "id of each row (an int tensor)")
+    uniq = torch.unique(groups)
+    if len(uniq) < 2:
+        raise ConfigError(f"{len(uniq)} trace(s) in the data; a split by trace needs at least 2")
+    gen = torch.Generator().manual_seed(seed)
+    perm = uniq[torch.randperm(len(uniq), generator=gen)]
+    n_test = min(max(1, round(test_frac * len(uniq))), len(uniq) - 1)
+    is_test = torch.isin(groups, perm[:n_test])
+    return (~is_test).nonzero().squeeze(1), is_test.nonzero().squeeze(1)
+
+
 def group_split(data: ProbeData, test_frac: float = 0.25, seed: int = 0
                 ) -> tuple[Int[Tensor, " n_train"], Int[Tensor, " n_test"]]:  # noqa: F722
-    """Train and test row indices with every trace (group) wholly on one side.
+    """Train and test row indices of ``data``, split by trace with :func:`split_traces`.
+
+    Raises :class:`~thinklens.errors.ConfigError` when a class has no training row.
 
     Example::
 
         train, test = group_split(data, test_frac=0.25, seed=0)
         set(data.groups[train].tolist()) & set(data.groups[test].tolist())   # set()
     """
-    if not 0 < test_frac < 1:
-        raise ConfigError(f"test_frac={test_frac!r}; choose a fraction in (0, 1) such as 0.25")
-    uniq = torch.unique(data.groups)
-    if len(uniq) < 2:
-        raise ConfigError(f"{len(uniq)} trace(s) in the data; a split by trace needs at least 2")
-    gen = torch.Generator().manual_seed(seed)
-    perm = uniq[torch.randperm(len(uniq), generator=gen)]
-    n_test = min(max(1, round(test_frac * len(uniq))), len(uniq) - 1)
-    is_test = torch.isin(data.groups, perm[:n_test])
-    train, test = (~is_test).nonzero().squeeze(1), is_test.nonzero().squeeze(1)
+    train, test = split_traces(data.groups, test_frac, seed)
     if data.task == "classification":
         missing = sorted(set(range(data.n_classes)) - set(data.y[train].tolist()))
         if missing:
@@ -285,7 +320,7 @@ def group_split(data: ProbeData, test_frac: float = 0.25, seed: int = 0
             raise ConfigError(f"classes {names} have no training row with seed={seed} "
                               f"(counts: {class_balance(data)}); try another seed, more traces, "
                               "or drop or merge the rare classes")
-    return train, test
+    return train.to(data.groups.device), test.to(data.groups.device)
 
 
 def class_balance(data: ProbeData | Tensor) -> dict[Any, int]:

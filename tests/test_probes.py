@@ -13,7 +13,14 @@ from sklearn.preprocessing import StandardScaler
 
 from thinklens.errors import ConfigError
 from thinklens.probes import metrics as M
-from thinklens.probes.data import ProbeData, build, class_balance, group_split, probe_data
+from thinklens.probes.data import (
+    ProbeData,
+    build,
+    class_balance,
+    group_split,
+    probe_data,
+    split_traces,
+)
 from thinklens.probes.linear import fit_probe
 from thinklens.probes.sweep import sweep
 from thinklens.zoo.evaluate import heldout_problems
@@ -143,6 +150,31 @@ def test_group_split_keeps_traces_whole():
     with pytest.raises(ConfigError, match=r"classes \[4\] have no training row"):
         group_split(rare, seed=test_only)
     assert class_balance(rare)[4] == 6
+
+
+def test_split_traces_rule_for_rows_and_for_trace_counts():
+    # the documented rule, written out: permute the sorted trace ids, the first
+    # min(max(1, round(f * G)), G - 1) are test
+    groups = torch.tensor([5, 5, 2, 9, 9, 9, 2, 7, 11, 11, 3, 3])
+    uniq = [2, 3, 5, 7, 9, 11]
+    for seed in range(6):
+        for frac in (0.1, 0.25, 0.5, 0.99):
+            perm = torch.randperm(6, generator=torch.Generator().manual_seed(seed)).tolist()
+            n_test = min(max(1, round(frac * 6)), 5)
+            want = {uniq[k] for k in perm[:n_test]}
+            train, test = split_traces(groups, frac, seed)
+            assert test.tolist() == [i for i, g in enumerate(groups.tolist()) if g in want]
+            assert train.tolist() == [i for i, g in enumerate(groups.tolist()) if g not in want]
+            # an int n splits trace indices exactly as n rows with groups arange(n)
+            a, b = split_traces(6, frac, seed), split_traces(torch.arange(6), frac, seed)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    data = gaussian_mixture()
+    tr, te = group_split(data, 0.25, 3)
+    assert torch.equal(tr, split_traces(data.groups, 0.25, 3)[0])
+    with pytest.raises(ConfigError, match="test_frac=1.5"):
+        split_traces(10, 1.5)
+    with pytest.raises(ConfigError, match="at least 2"):
+        split_traces(torch.zeros(4, dtype=torch.long))
 
 
 def test_probe_data_errors():
