@@ -3,8 +3,8 @@ attribution patching (AtP, EAP, EAP-IG) and circuits with their faithfulness.
 
 Example::
 
-    from thinklens.circuits import change_constant, patch, atp, eap, faithfulness_curve
-    pair = change_constant(model, "c = b + 4 ; a = 7 ; b = a - 2 ; ? c", "a", 3)
+    from thinklens.circuits import patch, atp, eap, faithfulness_curve
+    pair = model.task.pair("change_constant", model, "c = b + 4 ; a = 7 ; b = a - 2 ; ? c", "a", 3)
     exact = patch(model, pair, "z", by=("layer", "head"))     # one patched run per head
     approx = atp(model, pair, "z", by=("layer", "head"))      # one forward + one backward
     full = eap(model, pair, steps=5)                          # EAP-IG score of every edge
@@ -17,18 +17,10 @@ from thinklens.circuits.attribution import AttributionResult, atp, eap
 from thinklens.circuits.circuit import Circuit, FaithfulnessCurve, faithfulness_curve
 from thinklens.circuits.graph import Graph
 from thinklens.circuits.metrics import Metric, answer_prob, kl_to, logit_diff, normalized
-from thinklens.circuits.pairs import (
-    Pair,
-    change_constant,
-    change_thinking_value,
-    lookup_step,
-    make_pair,
-    swap_names,
-)
+from thinklens.circuits.pairs import Pair, make_pair
 from thinklens.circuits.patching import SITE_KINDS, PatchResult, patch
 from thinklens.circuits.paths import path_patch
 
-__all__ = ["patch", "path_patch", "PatchResult", "make_pair", "Pair", "change_constant",
-           "change_thinking_value", "logit_diff", "answer_prob", "kl_to", "normalized",
+__all__ = ["patch", "path_patch", "PatchResult", "make_pair", "Pair", "logit_diff", "answer_prob", "kl_to", "normalized",
            "Metric", "SITE_KINDS", "atp", "eap", "AttributionResult", "Circuit", "Graph",
-           "FaithfulnessCurve", "faithfulness_curve", "swap_names", "lookup_step"]
+           "FaithfulnessCurve", "faithfulness_curve"]

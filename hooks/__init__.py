@@ -1,11 +1,11 @@
 """thinklens.hooks: load models, trace their thinking, capture activations, store them."""
 
 from thinklens.hooks.activations import SiteActivations
-from thinklens.hooks.capture import Capture, capture, trace_id
-from thinklens.hooks.model import ModelConfig, load
+from thinklens.hooks.capture import Capture, trace_id
+from thinklens.hooks.model import load
 from thinklens.hooks.store import Store
 from thinklens.hooks.trace import Sentence, Span, Trace
-from thinklens.hooks.wrapper import Model
+from thinklens.hooks.wrapper import Model, ModelConfig
 
-__all__ = ["load", "Model", "ModelConfig", "Trace", "Span", "Sentence", "capture", "Capture",
+__all__ = ["load", "Model", "ModelConfig", "Trace", "Span", "Sentence", "Capture",
            "Store", "SiteActivations", "trace_id"]

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from thinklens.errors import ConfigError
 from thinklens.hooks import budget as _budget
 from thinklens.hooks.activations import ActivationReader
-from thinklens.hooks.model import parse_dtype
+from thinklens.hooks.dtypes import parse_dtype
 from thinklens.hooks.sites import is_pattern_site, layer_of
 from thinklens.hooks.trace import Trace, check_tokenizer
 from thinklens.hooks.trace import positions as select_positions

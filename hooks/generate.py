@@ -12,13 +12,12 @@ import torch
 from tqdm.auto import tqdm
 
 from thinklens.errors import ConfigError
+from thinklens.hooks.trace import build_trace
 
 
 def generate_many(model, prompts: list[str], *, max_new_tokens: int, temperature: float,
                   seed: int | None, meta: dict | None, batch_size: int = 64,
                   progress: bool | None = None) -> list:
-    from thinklens.hooks.trace import build_trace
-
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens}; must be >= 1")
     if temperature < 0:

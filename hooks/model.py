@@ -1,50 +1,27 @@
 """Load any causal LM into one wrapper: a TransformerLens 4.x ``TransformerBridge`` inside.
 
-1. Resolve the spec: ``"organism"`` (bundled weights), a local folder, a ``.gguf`` file
+1. Resolve the spec: a registered name (``"organism"``: bundled weights, registered by the
+   zoo through :mod:`thinklens.hooks.task`), a local folder, a ``.gguf`` file
    (transformers' GGUF loader de-quantizes to float), or a Hugging Face name.
 2. Load the Hugging Face model and tokenizer ourselves (eager attention, so attention
    patterns exist; ``trust_remote_code`` off unless asked).
 3. Check the architecture is one the bridge supports, then
    ``TransformerBridge.boot_transformers(name, hf_model=..., tokenizer=...)``.
+4. Wrap it in a :class:`~thinklens.hooks.wrapper.Model`, which finds the model's task
+   (``model.task``) in the registry.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from thinklens.errors import ConfigError, ModelLoadError, UnsupportedArchitectureError, did_you_mean
-from thinklens.hooks.sites import canonical_sites, resolve_sites
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape of a model, in TransformerLens's vocabulary."""
-
-    architecture: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_model: int
-    d_head: int
-    d_mlp: int
-    d_vocab: int
-    n_ctx: int
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; valid: {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[dtype]
+from thinklens.hooks.dtypes import parse_dtype
+from thinklens.hooks.task import model_folder, registered_models
+from thinklens.hooks.wrapper import Model
 
 
 def _default_device() -> str:
@@ -133,8 +110,7 @@ def _bridge(name: str, hf, tok, *, device, dtype, device_map):
     kw: dict[str, Any] = {"hf_model": hf, "tokenizer": tok, "dtype": dtype}
     if device_map is None:
         kw["device"] = device
-    with contextlib.redirect_stdout(None):
-        bridge = TransformerBridge.boot_transformers(name, **kw)
+    bridge = TransformerBridge.boot_transformers(name, **kw)
     bridge.eval()
     return bridge
 
@@ -151,28 +127,26 @@ def load(spec: str | Path = "organism", *, device: str | None = None,
         model.config.n_layers, model.config.d_model     # (4, 128)
         trace = model.think("a = 7 ; b = a + 2 ; ? b")
     """
-    from thinklens.hooks.wrapper import Model
-
     spec = str(spec)
+    names = registered_models()
     torch_dtype = parse_dtype(dtype)
     if device is not None and device_map is not None:
         raise ConfigError("give device or device_map, not both (device_map places the layers "
                           "across devices, e.g. device_map='auto')")
     device = device or (None if device_map is not None else _default_device())
-    if checkpoint is not None and spec != "organism":
-        raise ConfigError(f"checkpoint={checkpoint} applies only to 'organism'; "
-                          "for other models pass revision=")
-    if spec != "organism" and "/" not in spec and not Path(spec).exists() and \
-            did_you_mean(spec, ["organism"]):
-        raise ModelLoadError(f"no model {spec!r}.{did_you_mean(spec, ['organism'])} Give "
-                             "'organism' (bundled), a Hugging Face name such as "
+    if checkpoint is not None and spec not in names:
+        raise ConfigError(f"checkpoint={checkpoint} applies only to the bundled models "
+                          f"({', '.join(names)}); for other models pass revision=")
+    if spec not in names and "/" not in spec and not Path(spec).exists() and \
+            did_you_mean(spec, names):
+        raise ModelLoadError(f"no model {spec!r}.{did_you_mean(spec, names)} Give a bundled "
+                             f"model ({', '.join(names)}), a Hugging Face name such as "
                              "'deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B', a folder or a .gguf")
-    if spec == "organism":
-        from thinklens.zoo.organism import organism_folder
-        folder = organism_folder(checkpoint)
+    if spec in names:
+        folder = model_folder(spec, checkpoint)
         hf, tok, _ = _hf_load(str(folder), dtype=torch_dtype, device_map=device_map,
                               revision=None, trust_remote_code=False)
-        name = "organism" if checkpoint is None else f"organism@{checkpoint}"
+        name = spec if checkpoint is None else f"{spec}@{checkpoint}"
     else:
         hf, tok, name = _hf_load(spec, dtype=torch_dtype, device_map=device_map,
                                  revision=revision, trust_remote_code=trust_remote_code)
@@ -184,5 +158,4 @@ def load(spec: str | Path = "organism", *, device: str | None = None,
     return Model(name=name, bridge=bridge, tokenizer=tok, revision=revision)
 
 
-__all__ = ["load", "ModelConfig", "parse_dtype", "resolve_sites", "canonical_sites",
-           "supported_architectures"]
+__all__ = ["load", "supported_architectures"]

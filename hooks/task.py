@@ -57,7 +57,9 @@ class Task:
 
     Attributes: ``name``; ``segmenter`` / ``annotator`` (how thinking is split into
     sentences and tagged; ``None`` = thinklens's defaults); ``label_sets`` (named labels
-    for probe studies); ``pairs`` (clean/corrupted pair builders ``fn(model, ...) -> Pair``).
+    for probe studies); ``pairs`` (clean/corrupted pair builders ``fn(model, ...) -> Pair``);
+    ``example_prompts`` (prompts a study of this model starts from); ``study_labels`` (the
+    label set a report probes for, or ``None``).
     """
 
     name: str
@@ -65,6 +67,8 @@ class Task:
     annotator: Annotator | None = None
     label_sets: dict[str, LabelSet] = field(default_factory=dict)
     pairs: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    example_prompts: list[str] = field(default_factory=list)
+    study_labels: str | None = None
 
     def matches(self, hf_config: Any) -> bool:
         """Whether a model with this Hugging Face config is one of this task's models."""
@@ -83,6 +87,11 @@ class Task:
                  seed: int = 0) -> list[dict]:
         """``n`` held-out problems as rows ``{"id", "prompt", "answer", ...}``."""
         raise ConfigError(f"the task {self.name!r} has no problem generator; give prompts")
+
+    def study_pair(self, model: Any, prompts: Sequence[str]) -> Any:
+        """The clean/corrupted pair a report patches, built from one of ``prompts``."""
+        raise ConfigError(f"the task {self.name!r} builds no patching pair; make one with "
+                          "thinklens.circuits.make_pair(model, clean, corrupt, answer=, wrong=)")
 
     def pair(self, kind: str, model: Any, *args: Any, **kwargs: Any) -> Any:
         """Build a clean/corrupted pair with the builder called ``kind``."""

@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import torch
 
 from thinklens.errors import ConfigError
-from thinklens.hooks.model import ModelConfig
+from thinklens.hooks.capture import capture as _capture
+from thinklens.hooks.generate import generate_many
 from thinklens.hooks.sites import canonical_sites, resolve_sites
+from thinklens.hooks.task import Task, task_for
+from thinklens.hooks.trace import tokenizer_fingerprint
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a model, in TransformerLens's vocabulary."""
+
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
 
 
 class Model:
@@ -19,23 +38,23 @@ class Model:
 
     Attributes: ``name``, ``revision``, ``bridge`` (TransformerLens ``TransformerBridge``),
     ``hf`` (the Hugging Face model inside), ``tokenizer``, ``config``
-    (:class:`ModelConfig`), ``device``, ``dtype``, ``site_names``, ``segmenter`` and
-    ``annotator`` (how thinking is split into sentences and tagged; ``None`` = defaults).
+    (:class:`ModelConfig`), ``device``, ``dtype``, ``site_names``, ``task`` (the model's
+    own task from :mod:`thinklens.hooks.task`, or ``None``), ``segmenter`` and
+    ``annotator`` (how thinking is split into sentences and tagged; the task's, else
+    ``None`` = thinklens's defaults).
     """
 
     def __init__(self, *, name: str, bridge, tokenizer, revision: str | None = None,
-                 segmenter: Callable | None = None, annotator: Callable | None = None):
+                 segmenter: Callable | None = None, annotator: Callable | None = None,
+                 task: Task | None = None):
         self.name = name
         self.revision = revision
         self.bridge = bridge
         self.tokenizer = tokenizer
-        self.segmenter = segmenter
-        self.annotator = annotator
+        self.task = task if task is not None else task_for(bridge.original_model.config)
+        self.segmenter = segmenter or (self.task.segmenter if self.task else None)
+        self.annotator = annotator or (self.task.annotator if self.task else None)
         self.site_names, self._spelling = canonical_sites(bridge)
-        if getattr(bridge.original_model.config, "thinklens_task", None) == "variable-binding":
-            from thinklens.zoo.organism import organism_annotator, organism_segmenter
-            self.segmenter = self.segmenter or organism_segmenter
-            self.annotator = self.annotator or organism_annotator
 
     def __repr__(self) -> str:
         c = self.config
@@ -71,7 +90,6 @@ class Model:
 
     @cached_property
     def tokenizer_id(self) -> str:
-        from thinklens.hooks.trace import tokenizer_fingerprint
         return tokenizer_fingerprint(self.tokenizer)
 
     def sites(self, patterns: str | Sequence[str]) -> list[str]:
@@ -109,7 +127,6 @@ class Model:
                     meta: dict | None = None, batch_size: int = 64,
                     progress: bool | None = None):
         """:meth:`think` for several prompts; prompts of equal token length share a batch."""
-        from thinklens.hooks.generate import generate_many
         return generate_many(self, list(prompts), max_new_tokens=max_new_tokens,
                              temperature=temperature, seed=seed, meta=meta,
                              batch_size=batch_size, progress=progress)
@@ -119,8 +136,7 @@ class Model:
                 dtype: Any = None, store: Any = None, batch_size: int = 8,
                 budget: Any = None, progress: bool | None = None):
         """Record activations of ``traces``; see :func:`thinklens.hooks.capture.capture`."""
-        from thinklens.hooks.capture import capture
-        return capture(self, traces, sites=sites, positions=positions, attention=attention,
+        return _capture(self, traces, sites=sites, positions=positions, attention=attention,
                        dtype=dtype, store=store, batch_size=batch_size, budget=budget,
                        progress=progress)
 

@@ -9,13 +9,13 @@ import torch
 from thinklens.circuits import (
     AttributionResult,
     atp,
-    change_constant,
     eap,
     make_pair,
     patch,
 )
 from thinklens.circuits.metrics import logit_diff
 from thinklens.errors import ConfigError, SiteError
+from thinklens.zoo import change_constant
 
 PROMPT = "c = b + 4 ; a = 7 ; b = a - 2 ; ? c"
 EPS = 1e-2
@@ -24,7 +24,7 @@ FD = {"atol": 2e-3, "rtol": 2e-2}  # central differences in float32 with step 1e
 
 def lookup_pair(model, prompt, new):
     """The resolve step writing the root's constant: predict '7' after thinking 'a ='."""
-    from thinklens.circuits import lookup_step
+    from thinklens.zoo import lookup_step
     from thinklens.zoo.task import problem_from_prompt
 
     root = problem_from_prompt(prompt).chain[0]

@@ -10,10 +10,11 @@ import pytest
 import torch
 from test_attribution import EDGES, _hand_edge, lookup_pair
 
-from thinklens.circuits import Circuit, change_constant, eap, faithfulness_curve, make_pair
+from thinklens.circuits import Circuit, eap, faithfulness_curve, make_pair
 from thinklens.circuits.metrics import logit_diff
 from thinklens.errors import ConfigError
 from thinklens.plots import plot_circuit, plot_faithfulness
+from thinklens.zoo import change_constant
 
 PROMPT = "c = b + 4 ; a = 7 ; b = a - 2 ; ? c"
 TIGHT = {"atol": 1e-4, "rtol": 1e-5}
@@ -205,7 +206,7 @@ def test_finding_the_statement_goes_through_the_lookup_heads_key(organism):
     """Swap which statement defines 'a' (prompt names swapped, values in place): the same
     lookup step now needs the *key* side. EAP-IG's circuit: a0.h3 moves the statement's
     variable name onto its ';', which is what a1.h1's key matches at the thinking's 'a ='."""
-    from thinklens.circuits import lookup_step, swap_names
+    from thinklens.zoo import lookup_step, swap_names
 
     pair = lookup_step(organism, swap_names(organism, "c = b + 4 ; a = 7 ; b = a - 2 ; g = 3 ; ? c",
                                             "a", "g"), "a")

@@ -8,16 +8,11 @@ import torch
 from transformer_lens import patching as tlp
 
 from thinklens.circuits.metrics import answer_prob, kl_to, logit_diff
-from thinklens.circuits.pairs import (
-    change_constant,
-    change_thinking_value,
-    lookup_step,
-    make_pair,
-    swap_names,
-)
+from thinklens.circuits.pairs import make_pair
 from thinklens.circuits.patching import PatchResult, patch
 from thinklens.circuits.paths import path_patch
 from thinklens.errors import ConfigError, SiteError
+from thinklens.zoo import change_constant, change_thinking_value, lookup_step, swap_names
 
 TIGHT = {"atol": 1e-5, "rtol": 0}  # tiny models: patched batch vs one pass per cell
 SMOL = {"atol": 1e-4, "rtol": 0}   # SmolLM2, fp32: batched matmuls round differently

@@ -12,10 +12,11 @@ import torch
 from scipy import stats
 
 from thinklens import figures, theme
-from thinklens.circuits import change_constant, make_pair, patch, path_patch
+from thinklens.circuits import make_pair, patch, path_patch
 from thinklens.errors import ConfigError, ThinklensError
 from thinklens.plots import plot_attribution_scatter, plot_head_grid, plot_patching
 from thinklens.plots.patching import pearson, spearman
+from thinklens.zoo import change_constant
 
 PROMPT = "c = b + 4 ; a = 7 ; b = a - 2 ; ? c"
 EXACT = {"atol": 1e-6, "rtol": 0}  # figures carry float64 copies of float32 values

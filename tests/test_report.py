@@ -140,7 +140,8 @@ def test_probe_reads_the_computed_value_from_layer_1_and_the_control_does_not(re
 
 
 def test_patching_shows_the_answer_copied_from_the_written_result(rep, organism):
-    from thinklens.circuits import change_constant, patch
+    from thinklens.circuits import patch
+    from thinklens.zoo import change_constant
 
     s = _section(rep, "Activation patching")
     pair = change_constant(organism, PROMPTS[0], "a", 0)  # root constant 7 -> 0 (+3 mod 10)

@@ -1,1 +1,19 @@
-"""The model zoo: the bundled organism and its task."""
+"""The model zoo: the bundled organism, its task, and what it plugs into thinklens.
+
+Importing :mod:`thinklens` registers the organism (:mod:`thinklens.zoo.registry`):
+``thinklens.load("organism")`` finds its weights and ``model.task`` is its task. The pair
+builders are importable from here::
+
+    from thinklens.zoo import change_constant, lookup_step
+    pair = change_constant(model, "c = b + 4 ; a = 7 ; b = a - 2 ; ? c", "a", 3)
+"""
+
+from thinklens.zoo.organism import checkpoints, organism_folder, token_truth, training_curve
+from thinklens.zoo.pairs import change_constant, change_thinking_value, lookup_step, swap_names
+from thinklens.zoo.registry import ORGANISM, OrganismTask, register
+
+register()
+
+__all__ = ["change_constant", "change_thinking_value", "swap_names", "lookup_step",
+           "token_truth", "training_curve", "checkpoints", "organism_folder", "ORGANISM",
+           "OrganismTask", "register"]

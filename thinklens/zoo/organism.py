@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from thinklens.errors import ConfigError, ModelLoadError
+from thinklens.zoo.task import problem_from_prompt
 
 HERE = Path(__file__).parent / "organism"
 
@@ -87,10 +89,6 @@ def token_truth(trace) -> list:
         truth = token_truth(model.think("c = b + 4 ; a = 7 ; b = a - 2 ; ? c"))
         [t.value for t in truth if t and t.role == "result"]    # [5, 9]
     """
-    from dataclasses import replace
-
-    from thinklens.zoo.task import problem_from_prompt
-
     problem = problem_from_prompt(trace.prompt)
     want, truth = problem.thinking_tokens(), problem.token_truth()
     out: list = [None] * len(trace.token_ids)

@@ -1,0 +1,149 @@
+"""What the zoo plugs into thinklens: the organism as a loadable name and as a :class:`Task`.
+
+1. ``register()`` (called once when :mod:`thinklens` is imported) maps the name
+   ``"organism"`` to the shipped weights (:func:`~thinklens.zoo.organism.organism_folder`)
+   and registers :data:`ORGANISM`, the organism's task.
+2. A model whose Hugging Face config says ``thinklens_task = "variable-binding"`` (the
+   organism and every checkpoint of its training) gets :data:`ORGANISM` as ``model.task``:
+   its thinking is split one step per sentence and tagged ``lookup`` / ``computation``;
+   its true answers, per-token ground truth, held-out problems, named label sets and
+   pair builders all come from the task generator (:mod:`thinklens.zoo.task`).
+
+General code reaches all of this through ``model.task`` (:mod:`thinklens.hooks.task`) and
+never imports the zoo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from thinklens.errors import ConfigError
+from thinklens.hooks.task import LabelSet, Task, register_model, register_task
+from thinklens.zoo import pairs
+from thinklens.zoo.evaluate import heldout_problems
+from thinklens.zoo.organism import (
+    organism_annotator,
+    organism_folder,
+    organism_segmenter,
+    token_truth,
+)
+from thinklens.zoo.task import problem_from_prompt
+
+TASK_KEY = "variable-binding"  # config.thinklens_task of every model trained on the task
+STUDY_PROMPTS = [
+    "c = b + 4 ; a = 7 ; b = a - 2 ; ? c",
+    "e = 5 ; d = e + 3 ; g = 1 ; ? d",
+    "h = f - 1 ; f = k + 6 ; k = 2 ; j = 9 ; ? h",
+    "l = i + 2 ; c = 8 ; i = g - 3 ; g = c + 5 ; a = 3 ; ? l",
+    "b = 4 ; ? b",
+    "d = a - 3 ; a = 6 ; f = 0 ; ? d",
+]
+_PAIR_FALLBACK = "c = b + 4 ; a = 7 ; b = a - 2 ; ? c"
+
+
+def _truth_labels(pick: Callable[[list, int, Any], Any]) -> Callable:
+    """``make(traces, rows)`` for a token-level label read off the ground truth."""
+
+    def make(traces: Sequence[Any], rows: Sequence[dict] | None = None) -> Callable:
+        cache: dict[int, list] = {}
+
+        def fn(ti: int, trace: Any, i: int):
+            if ti not in cache:
+                try:
+                    cache[ti] = token_truth(trace)
+                except ConfigError as e:  # only a prompt the task cannot parse
+                    raise ConfigError(f"labels 'organism.*' need organism task prompts; trace "
+                                      f"{ti} ({trace.prompt[:60]!r}) is not one ({e})") from e
+            return pick(cache[ti], i, trace)
+
+        return fn
+
+    return make
+
+
+def _value(truth: list, i: int, trace: Any):
+    t, prev = truth[i], truth[i - 1] if i else None
+    return t.value if t and t.role == "eq" and prev and prev.role == "const" else None
+
+
+def _answer(truth: list, i: int, trace: Any):
+    return problem_from_prompt(trace.prompt).answer if truth[i] else None
+
+
+def _variable(truth: list, i: int, trace: Any):
+    return truth[i].var if truth[i] and truth[i].var else None
+
+
+class OrganismTask(Task):
+    """The variable-binding task of the bundled organism (see :mod:`thinklens.zoo.task`)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            name="organism", segmenter=organism_segmenter, annotator=organism_annotator,
+            label_sets={
+                "organism.value": LabelSet(
+                    "organism.value", "token", _truth_labels(_value),
+                    "the value each compute step 'v = x op k = r' writes, at its second '='"),
+                "organism.answer": LabelSet(
+                    "organism.answer", "token", _truth_labels(_answer),
+                    "the final answer, at every thinking token whose ground truth is known"),
+                "organism.variable": LabelSet(
+                    "organism.variable", "token", _truth_labels(_variable),
+                    "the variable each thinking step is about, at every token of the step"),
+            },
+            pairs={"change_constant": pairs.change_constant,
+                   "change_thinking_value": pairs.change_thinking_value,
+                   "swap_names": pairs.swap_names, "lookup_step": pairs.lookup_step},
+            example_prompts=list(STUDY_PROMPTS), study_labels="organism.value")
+
+    def matches(self, hf_config: Any) -> bool:
+        return getattr(hf_config, "thinklens_task", None) == TASK_KEY
+
+    def answer(self, trace: Any) -> str:
+        return str(problem_from_prompt(trace.prompt).answer)
+
+    def token_truth(self, trace: Any) -> list:
+        return token_truth(trace)
+
+    def problems(self, n: int, *, depths: Sequence[int] = (1, 2, 3, 4),
+                 seed: int = 0) -> list[dict]:
+        """``n`` held-out problems, depths taken in turn: ids ``organism-SEED-DEPTH-K``."""
+        depths = list(depths)
+        if n < 1 or not depths:
+            raise ConfigError(f"problems(n={n}, depths={depths}): give n >= 1 and a depth")
+        per = {d: heldout_problems(d, -(-n // len(depths)), seed=seed) for d in depths}
+        out = []
+        for k in range(n):
+            d = depths[k % len(depths)]
+            prob = per[d][k // len(depths)]
+            out.append({"id": f"organism-{seed}-{d}-{k // len(depths)}", "prompt": prob.prompt,
+                        "answer": prob.answer, "depth": d})
+        return out
+
+    def study_pair(self, model: Any, prompts: Sequence[str]) -> Any:
+        """``change_constant`` on the root of the first prompt of depth >= 2 that parses."""
+        for prompt in [*prompts, _PAIR_FALLBACK]:
+            try:
+                problem = problem_from_prompt(prompt)
+            except ConfigError:
+                continue
+            if problem.depth < 2:
+                continue
+            root = problem.chain[0]
+            const = next(s.const for s in problem.statements if s.var == root)
+            for new in [(const + d) % 10 for d in (3, 1, 2, 4, 5, 6, 7, 8, 9)]:
+                try:
+                    return pairs.change_constant(model, prompt, root, new)
+                except ConfigError:
+                    continue
+        raise ConfigError("no organism prompt gave a patching pair")  # the fallback always does
+
+
+ORGANISM = OrganismTask()
+
+
+def register() -> None:
+    """Register the organism's name and task (idempotent)."""
+    register_model("organism", organism_folder)
+    register_task(ORGANISM)
