@@ -19,9 +19,20 @@ one-vs-rest AUROCs (as ``sklearn.metrics.roc_auc_score(multi_class="ovr")``). EC
 top-label expected calibration error of Guo et al. 2017 ("On calibration of modern
 neural networks"; Naeini et al. 2015): bins ``(k/B, (k+1)/B]`` of the confidence,
 ``sum_k (n_k / n) * |accuracy_k - confidence_k|``.
+
+Correlations between two sets of scores (e.g. attribution estimates against exact
+patching effects) are :func:`pearson` (Pearson 1895) and :func:`spearman` (Spearman 1904):
+
+1. keep the pairs where both values are finite (NaN and inf drop out pairwise);
+2. Spearman only: replace each side by its 1-based ranks, tied values sharing the average
+   of the ranks they span (``scipy.stats.rankdata(method="average")``);
+3. Pearson's r of what is left: ``sum dx dy / sqrt(sum dx^2 sum dy^2)`` with ``dx = x - mean
+   x``; NaN when fewer than 2 pairs are left or either side is constant (as ``scipy.stats``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int, Shaped
@@ -184,3 +195,57 @@ def percentile_ci(samples: Tensor, level: float = 0.95) -> Tensor:
     a = (1 - level) / 2
     q = torch.tensor([a, 1 - a], dtype=samples.dtype, device=samples.device)
     return torch.nanquantile(samples, q, dim=-1).movedim(0, -1)
+
+
+def _finite_pairs(x: Any, y: Any) -> tuple[Tensor, Tensor]:
+    """Both sides flattened to float64 on the CPU, keeping the pairs where both are finite."""
+    x, y = (v.detach().to("cpu", torch.float64).reshape(-1) if isinstance(v, Tensor)
+            else torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in (x, y))
+    if x.shape != y.shape:
+        raise ConfigError(f"x and y have {x.numel()} and {y.numel()} values; need one y per x")
+    keep = torch.isfinite(x) & torch.isfinite(y)
+    return x[keep], y[keep]
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """1-based ranks of a 1-d tensor, ties sharing their average rank (``rankdata``)."""
+    xs, order = x.sort(stable=True)
+    _, group, counts = torch.unique_consecutive(xs, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).to(torch.float64)           # last 1-based rank of each tie group
+    average = ends - (counts - 1) / 2                   # mean of ranks end-count+1 .. end
+    ranks = torch.empty_like(x)
+    ranks[order] = average[group]
+    return ranks
+
+
+def _pearson(x: Tensor, y: Tensor) -> float:
+    if len(x) < 2 or bool(x.min() == x.max()) or bool(y.min() == y.max()):
+        return float("nan")
+    dx, dy = x - x.mean(), y - y.mean()
+    return float((dx * dy).sum() / ((dx * dx).sum() * (dy * dy).sum()).sqrt())
+
+
+def pearson(x: Any, y: Any) -> float:
+    """Pearson's r over the pairs where both values are finite; NaN when either side is
+    constant or fewer than 2 pairs are left. ``x`` and ``y``: tensors, arrays or lists of
+    one shape (flattened).
+
+    Example::
+
+        pearson([1, 2, 3, 4], [2, 4, 6, 9])          # 0.9944
+        pearson([1, 2, float("nan")], [1, 2, 5])     # 1.0: the NaN pair is dropped
+    """
+    return _pearson(*_finite_pairs(x, y))
+
+
+def spearman(x: Any, y: Any) -> float:
+    """Spearman's rho over the pairs where both values are finite: Pearson's r of the ranks,
+    tied values sharing their average rank (``scipy.stats.spearmanr``).
+
+    Example::
+
+        spearman([1, 2, 3, 4], [1, 3, 2, 4])          # 0.8
+        spearman(atp.values, exact.values)            # any shapes with one value per cell
+    """
+    x, y = _finite_pairs(x, y)
+    return _pearson(_ranks(x), _ranks(y))
