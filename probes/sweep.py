@@ -14,7 +14,9 @@
    representation cannot explain; selectivity = accuracy - control accuracy. Their
    control tasks give each word type a fixed random label; here the control is the
    simpler permutation baseline: the training labels shuffled among the training rows
-   (class frequencies kept), scored on the true test labels. Its accuracy is what a probe
+   (``torch.randperm`` seeded with ``seed + 1``; class frequencies kept), fitted with the
+   row weights of the *shuffled* labels (so ``class_weight="balanced"`` balances the
+   control's classes too) and scored on the true test labels. Its accuracy is what a probe
    gets from the label prior and from memorising training rows (R² for regression).
 4. **Bootstrap** (Efron & Tibshirani 1993): resample the *test traces* with replacement
    ``n_boot`` times; each resample is a row weighting, so every metric of every probe and
@@ -183,9 +185,11 @@ def sweep(acts, sites: str | Sequence[str] = "blocks.*.hook_resid_post", labels:
     if control:
         gen = torch.Generator().manual_seed(seed + 1)
         Y.append(y_tr[torch.randperm(len(y_tr), generator=gen).to(dev)])
-    weight = row_weights(d0, d0.y[train], class_weight).to(dev, dtype)
+    # each label set's row weights from its own labels: under class_weight="balanced" a
+    # shuffled row weighs what its *shuffled* class weighs
+    weight = torch.stack([row_weights(d0, labels.cpu(), class_weight) for labels in Y])
     params = fit_params(kind, Xtr, torch.stack(Y), d0.task, d0.n_classes,
-                        weight.expand(len(Y), -1), l2=l2, max_iter=max_iter, tol=tol,
+                        weight.to(dev, dtype), l2=l2, max_iter=max_iter, tol=tol,
                         hidden=hidden, seed=seed)
     out_te = _as_output(params.output(Xte), d0.task)                  # [P*S, R, n_test, ...]
     out_tr = _as_output(params.output(Xtr), d0.task)[:, 0]
