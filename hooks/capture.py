@@ -2,16 +2,20 @@
 
 1. Resolve sites (hook names or globs) and positions per trace; estimate the memory and
    refuse, before running, a capture over budget (:mod:`thinklens.hooks.budget`).
-2. Batch traces by length, right-pad them: with causal attention and positions counted
-   from 0 per sequence, real tokens never see the padding, so a padded batch captures
-   what one-by-one capture does.
+2. Batch traces by length and right-pad them (:mod:`thinklens.hooks.forward`, the one
+   forward runner): with causal attention and positions counted from 0 per sequence,
+   real tokens never see the padding, so a padded batch captures what one-by-one
+   capture does. The pass stops after the deepest hooked site.
 3. Forward hooks (scoped, removed in ``finally``) copy each site's rows at the chosen
-   positions. Attention is reduced while the pass runs, one layer at a time:
-   ``attention="sentence"`` averages every head's pattern into a sentence×sentence
-   matrix (Thought Anchors, Bogdan et al. 2025: ``A[i, j]`` = the mean token-to-token
-   weight from the tokens of sentence i to those of sentence j), summed with
-   ``index_add_`` so the cost is about that of reading the pattern once; a list of ``(layer, head)`` keeps those heads' full
-   patterns. The full patterns of all layers are never held at once.
+   positions. An attention pattern, as a site or through ``attention=[(layer, head)]``,
+   is kept in TransformerLens's layout ``(head, query_pos, key_pos)`` per trace, its
+   query rows at the chosen positions. Attention is reduced while the pass runs, one
+   layer at a time: ``attention="sentence"`` averages every head's pattern into a
+   ``(layer, head, query_sentence, key_sentence)`` matrix (Thought Anchors, Bogdan et
+   al. 2025: ``A[i, j]`` = the mean token-to-token weight from the tokens of sentence i
+   to those of sentence j), summed with ``index_add_`` so the cost is about that of
+   reading the pattern once; a list of ``(layer, head)`` keeps only those heads. The
+   full patterns of all layers are never held at once.
 4. Results go to a :class:`Capture` (memory) or are appended batch by batch to a
    :class:`~thinklens.hooks.store.Store`, skipping traces it already holds.
 """
@@ -29,9 +33,10 @@ from tqdm.auto import tqdm
 
 from thinklens.errors import ConfigError
 from thinklens.hooks import budget as _budget
+from thinklens.hooks import forward as fwd
 from thinklens.hooks.activations import ActivationReader
 from thinklens.hooks.dtypes import parse_dtype
-from thinklens.hooks.sites import is_pattern_site, layer_of
+from thinklens.hooks.sites import is_pattern_site
 from thinklens.hooks.trace import Trace, check_tokenizer
 from thinklens.hooks.trace import positions as select_positions
 
@@ -106,10 +111,9 @@ def _dry_run_shapes(model, sites: list[str]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
 
     def rec(name):
-        def fn(x, hook):
-            x = x.permute(0, 2, 1, 3) if is_pattern_site(name) else x
-            shapes[name] = tuple(x.shape[2:-1]) if is_pattern_site(name) else tuple(x.shape[2:])
-            return x.permute(0, 2, 1, 3) if is_pattern_site(name) else x
+        def fn(x, hook):  # a pattern is [batch, head, query_pos, key_pos]: per row, (head,)
+            shapes[name] = (x.shape[1],) if is_pattern_site(name) else tuple(x.shape[2:])
+            return x
         return fn
 
     ids = torch.tensor([[model.tokenizer.eos_token_id or 0] * 2], device=model.device)
@@ -120,8 +124,8 @@ def _dry_run_shapes(model, sites: list[str]) -> dict[str, tuple[int, ...]]:
 
 def _axes(model, site: str, shape: tuple[int, ...]) -> tuple[str, ...]:
     c = model.config
-    if is_pattern_site(site):
-        return ("pos", "head", "key_pos")
+    if is_pattern_site(site):  # TransformerLens's layout, rows at the chosen positions
+        return ("head", "query_pos", "key_pos")
     if len(shape) == 2:
         return ("pos", "kv_head" if shape[0] == c.n_kv_heads and shape[0] != c.n_heads
                 else "head", "d_head")
@@ -149,7 +153,7 @@ def estimate(model, traces, sites, shapes, pos, sentence, heads, out_dtype, batc
             b += len(p) * elems * (n if is_pattern_site(s) else 1) * nb
         if sentence:
             b += model.config.n_layers * model.config.n_heads * len(t.sentences) ** 2 * 4
-        b += sum(len(h) for h in heads.values()) * n * n * nb
+        b += sum(len(h) for h in heads.values()) * len(p) * n * nb
         per_trace.append(b)
     longest = max((len(t) for t in traces), default=1)
     worst_batch = sum(sorted(per_trace)[-batch_size:])
@@ -198,7 +202,7 @@ def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any =
         cap = model.capture(traces, sites="blocks.*.hook_resid_post", positions="thinking",
                             attention="sentence")
         cap["blocks.3.hook_resid_post"].values.shape   # (trace, pos, d_model)
-        cap["sentence_attention"].values.shape         # (trace, layer, head, sentence, sentence)
+        cap["sentence_attention"].values.shape  # (trace, layer, head, query_sentence, key_sentence)
 
     With ``store="acts/"`` (a folder or an open Store) results stream to disk batch by
     batch, traces already there are skipped, and the Store is returned.
@@ -227,25 +231,32 @@ def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any =
     shapes = _site_shapes(model, site_list) if site_list else {}
     axes = {s: _axes(model, s, shapes[s]) for s in site_list}
     if sentence:
-        axes[SENTENCE_KEY] = ("layer", "head", "sentence", "sentence")
+        axes[SENTENCE_KEY] = ("layer", "head", "query_sentence", "key_sentence")
     for layer in heads:
         axes[f"blocks.{layer}.attn.hook_pattern"] = ("head", "query_pos", "key_pos")
+    # head ids of every pattern key: all heads for a site, the chosen ones for attention=
+    meta_heads = {s: list(range(model.config.n_heads)) for s in site_list
+                  if is_pattern_site(s)}
+    meta_heads.update({f"blocks.{k}.attn.hook_pattern": v for k, v in heads.items()})
     est = estimate(model, traces, site_list, shapes, pos, sentence, heads, out_dtype, batch_size)
     _budget.check(est, _budget.parse_budget(budget, model.device), streaming=store is not None)
 
     st = None
     todo = list(range(len(traces)))
     if store is not None:
-        st = _open_store(model, store, list(axes), out_dtype)
+        st = _open_store(model, store, list(axes), out_dtype, meta_heads)
         todo = [i for i in todo if trace_id(traces[i]) not in st]
-    if st is None:  # batch traces of similar length (less padding); a store keeps input order
-        todo.sort(key=lambda i: len(traces[i]))
-    batches = [todo[j: j + batch_size] for j in range(0, len(todo), batch_size)]
+    seqs = [traces[i].token_ids for i in todo]
+    # batch traces of similar length (less padding); a store keeps input order
+    plan = fwd.plan(model, [len(x) for x in seqs], batch_size=batch_size, sort=st is None)
     data: dict[str, list] = {k: [None] * len(traces) for k in axes}
-    show = progress if progress is not None else len(batches) > 4
-    for batch in tqdm(batches, desc="capture", disable=not show):
-        got = _run_batch(model, [traces[i] for i in batch], [pos[i] for i in batch],
-                         site_list, sentence, heads, out_dtype)
+    show = progress if progress is not None else len(plan) > 4
+    for rows in tqdm(plan, desc="capture", disable=not show):
+        batch = [todo[r] for r in rows]
+        got: dict[str, list] = {}
+        hooks = _batch_hooks(model, [traces[i] for i in batch], [pos[i] for i in batch],
+                             site_list, sentence, heads, out_dtype, got)
+        fwd.forward(model, fwd.pad(model, seqs, rows), hooks, stop_early=True)
         if st is not None:
             records = []
             for j, i in enumerate(batch):
@@ -261,11 +272,11 @@ def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any =
         return st
     meta = {"model_name": model.name, "revision": model.revision, "dtype": str(out_dtype),
             "positions": positions if isinstance(positions, str) else "explicit",
-            "heads": {f"blocks.{k}.attn.hook_pattern": v for k, v in heads.items()}}
+            "heads": meta_heads}
     return Capture(traces, data, axes, [p.to(torch.int64) for p in pos], meta)
 
 
-def _open_store(model, store, keys, out_dtype):
+def _open_store(model, store, keys, out_dtype, heads):
     from thinklens.hooks.store import Store
     if isinstance(store, Store):
         return store
@@ -274,32 +285,25 @@ def _open_store(model, store, keys, out_dtype):
     # sizes and headers only: hashing every existing shard on each resume costs a full read
     return Store.open(store, verify="size",
                       create={"model_name": model.name, "revision": model.revision,
-                              "dtype": str(out_dtype).replace("torch.", ""), "sites": keys})
+                              "dtype": str(out_dtype).replace("torch.", ""), "sites": keys,
+                              "heads": heads})
 
 
-def _run_batch(model, traces, pos, sites, sentence, heads, out_dtype):
-    """One padded forward pass; returns ``{key: [per-trace tensor on CPU]}``."""
+def _batch_hooks(model, traces, pos, sites, sentence, heads, out_dtype, got):
+    """Hooks of one padded batch; they fill ``got`` with ``{key: [per-trace tensor on CPU]}``."""
     dev = model.device
     lengths = [len(t) for t in traces]
-    width = max(lengths)
-    pad = model.tokenizer.pad_token_id
-    pad = pad if pad is not None else 0
-    ids = torch.full((len(traces), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(traces), width), dtype=torch.long)
-    for j, t in enumerate(traces):
-        ids[j, : len(t)] = torch.tensor(t.token_ids)
-        mask[j, : len(t)] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
     rows = [p.to(dev) for p in pos]
-    got: dict[str, list] = {}
 
     def site_hook(name):
         def fn(x, hook):
-            y = x.permute(0, 2, 1, 3) if is_pattern_site(name) else x  # [b, pos, ...]
-            got[name] = [
-                # advanced indexing already copies: no further clone
-                (y[j, rows[j], :, : lengths[j]] if is_pattern_site(name) else y[j, rows[j]])
-                .detach().to("cpu", out_dtype) for j in range(len(traces))]
+            # advanced indexing already copies: no further clone
+            if is_pattern_site(name):  # [batch, head, query_pos, key_pos]: query rows at pos
+                got[name] = [x[j][:, rows[j], : lengths[j]].detach().to("cpu", out_dtype)
+                             for j in range(len(traces))]
+            else:
+                got[name] = [x[j, rows[j]].detach().to("cpu", out_dtype)
+                             for j in range(len(traces))]
             return x
         return fn
 
@@ -315,10 +319,15 @@ def _run_batch(model, traces, pos, sites, sentence, heads, out_dtype):
         def fn(x, hook):
             if sentence:
                 sent_layers[layer] = sentence_means(x.detach(), bounds).cpu()
+                if len(sent_layers) == model.config.n_layers:
+                    stacked = torch.stack([sent_layers[k] for k in range(len(sent_layers))], 1)
+                    got[SENTENCE_KEY] = [
+                        stacked[j, :, :, : len(t.sentences), : len(t.sentences)].clone()
+                        for j, t in enumerate(traces)]
             if layer in heads:
                 key = f"blocks.{layer}.attn.hook_pattern"
-                got[key] = [x[j, heads[layer], : lengths[j], : lengths[j]].detach()
-                            .to("cpu", out_dtype).clone() for j in range(len(traces))]
+                got[key] = [x[j, heads[layer]][:, rows[j], : lengths[j]].detach()
+                            .to("cpu", out_dtype) for j in range(len(traces))]
             return x
         return fn
 
@@ -326,15 +335,4 @@ def _run_batch(model, traces, pos, sites, sentence, heads, out_dtype):
     pattern_layers = range(model.config.n_layers) if sentence else heads.keys()
     hooks += [(f"blocks.{layer}.attn.hook_pattern", pattern_hook(layer))
               for layer in pattern_layers]
-    deepest = [layer_of(s) for s in sites]
-    stop = None
-    if deepest and all(d is not None for d in deepest) and not sentence and not heads:
-        stop = max(deepest) + 1  # skip later layers and the unembedding
-        stop = None if stop >= model.config.n_layers else stop
-    with torch.no_grad(), model.hooks(hooks):
-        model.bridge(ids, attention_mask=mask, stop_at_layer=stop)
-    if sentence:
-        stacked = torch.stack([sent_layers[layer] for layer in range(model.config.n_layers)], 1)
-        got[SENTENCE_KEY] = [stacked[j, :, :, : len(t.sentences), : len(t.sentences)].clone()
-                             for j, t in enumerate(traces)]
-    return got
+    return hooks

@@ -30,6 +30,7 @@ Example::
         return [("blocks.1.hook_resid_post", lambda x, hook: keep(x, batch.rows))]
 
     fwd.run(model, traces, hooks, stop_early=True)             # layers 2.. never run
+    fwd.read(model, traces, ["blocks.1.hook_resid_post"], fn)  # fn(site, x, rows) in the hook
     last = fwd.run(model, [[5, 6, 7], [5, 6]], logits_at="last")
     last[0].shape                                               # (1, d_vocab), input order
 """
@@ -244,3 +245,29 @@ def run(model, inputs: Sequence[Trace] | Sequence[Sequence[int]],
         if after is not None:
             after(batch)
     return got if logits_at is not None else None  # type: ignore[return-value]
+
+
+def read(model, inputs: Sequence[Trace] | Sequence[Sequence[int]], sites: Sequence[str],
+         fn: Callable[[str, Tensor, list[int]], None], *, batch_size: int | None = 8,
+         budget: Any = None) -> None:
+    """Call ``fn(site, x [batch, pos, ...], rows)`` inside each site's hook; stop after the last.
+
+    ``rows[j]`` is the input index of batch row ``j`` (rows past its length are padding).
+    Nothing is modified; later layers and the logits are never computed.
+
+    Example::
+
+        read(model, traces, ["blocks.1.hook_resid_post"],
+             lambda site, x, rows: sums.add_(x[:, -1].sum(0)))
+    """
+    names = model.sites(list(sites))
+
+    def hooks(batch: Batch) -> list[Hook]:
+        def at(site: str) -> Callable:
+            def f(x, hook):
+                fn(site, x.detach(), batch.rows)
+                return x
+            return f
+        return [(s, at(s)) for s in names]
+
+    run(model, inputs, hooks, batch_size=batch_size, budget=budget, stop_early=True)

@@ -75,7 +75,7 @@ from ._store_format import (
     shard_problem,
     traces_file,
 )
-from .activations import ActivationReader
+from .activations import ActivationReader, ragged_axis
 
 Record = tuple[str, dict, dict[str, Tensor]]
 
@@ -244,9 +244,12 @@ class Store(ActivationReader):
                 new_axes.update(self._check_tensor(tid, key, t, axes, new_axes))
             pos = per_key.get(POSITIONS)
             for key, t in per_key.items():
-                if pos is not None and new_axes.get(key, [""])[0] == "pos" and len(t) != len(pos):
-                    raise ConfigError(f"trace {tid!r}: {key!r} has {len(t)} rows but "
-                                      f"{POSITIONS} has {len(pos)}; give one position per row")
+                names = new_axes.get(key, [""])
+                k = ragged_axis(names) if {"pos", "query_pos"} & set(names) else None
+                if pos is not None and k is not None and t.shape[k] != len(pos):
+                    raise ConfigError(f"trace {tid!r}: {key!r} has {t.shape[k]} rows along "
+                                      f"{names[k]!r} but {POSITIONS} has {len(pos)}; give one "
+                                      "position per row")
             seen.add(tid)
             todo.append((tid, trace, per_key))
         return todo, new_axes

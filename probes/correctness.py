@@ -35,15 +35,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from thinklens.errors import ConfigError
+from thinklens.hooks import forward as fwd
 from thinklens.hooks.trace import Span, Trace
-from thinklens.probes.data import ProbeData
-from thinklens.probes.lens import (
-    _check_traces,
-    _layer_sites,
-    answer_ids,
-    first_answer_token,
-    forward_batches,
-)
+from thinklens.probes.data import ProbeData, split_traces
+from thinklens.probes.lens import answer_ids, first_answer_token, layer_sites
 from thinklens.probes.linear import fit_probe
 
 KEYWORDS = ("wait", "but wait", "hmm", "alternatively", "double-check", "double check",
@@ -121,11 +116,12 @@ def correctness_probe(model, traces, answers: Sequence | None = None, *,
         res = correctness_probe(model, traces)        # organism: answers from the prompts
         res.test["auroc"], res.curve.tokens_saved[:3], res.curve.accuracy[:3]
 
-    ``answers``: the true answer per trace (default: the organism's, from its prompt).
+    ``answers``: the true answer per trace (default: ``model.task.answer(trace)``, e.g. the
+    organism's, read off its prompt).
     ``chunks``: "keywords" or "sentences" (default: sentences when the model has its own
     step segmenter, as the organism does, else keywords). ``hidden > 0``: an MLP.
     """
-    traces = _check_traces(model, traces)
+    traces = fwd.as_traces(model, traces)
     truth = answer_ids(model, traces, _default_answers(model, traces, answers))
     by = chunks or ("sentences" if model.segmenter is not None else "keywords")
     spans = [chunk_thinking(t, by) for t in traces]
@@ -134,7 +130,7 @@ def correctness_probe(model, traces, answers: Sequence | None = None, *,
     if label == "forced":
         close_ids = model.encode(close)
         prefixes = [t.token_ids[: c.end] + close_ids for t, cs in zip(traces, spans) for c in cs]
-        forced = iter(_next_tokens(model, prefixes, batch_size))
+        forced = iter(next_tokens(model, prefixes, batch_size))
         labels = [torch.tensor([next(forced) == a for _ in cs], dtype=torch.bool)
                   for a, cs in zip(truth, spans)]
     elif callable(label):
@@ -142,7 +138,7 @@ def correctness_probe(model, traces, answers: Sequence | None = None, *,
                   for t, cs in zip(traces, spans)]
     else:
         raise ConfigError(f"label={label!r}; valid: 'forced' or a callable (trace, span) -> bool")
-    (site,) = _layer_sites(model, [layer])
+    (site,) = layer_sites(model, [layer])
     ends = [[c.end - 1 for c in cs] for cs in spans]
     feats = [torch.zeros(len(e), model.config.d_model) for e in ends]
 
@@ -150,12 +146,11 @@ def correctness_probe(model, traces, answers: Sequence | None = None, *,
         for j, i in enumerate(idx):
             feats[i] = x[j, ends[i]].float().cpu()
 
-    forward_batches(model, traces, [site], keep, batch_size=batch_size)
+    fwd.read(model, traces, [site], keep, batch_size=batch_size)
     group = torch.cat([torch.full((len(e),), i, dtype=torch.long) for i, e in enumerate(ends)])
     y = torch.cat(labels).long()
-    g = torch.Generator().manual_seed(seed)
-    n_test = min(len(traces) - 1, max(1, round(test_frac * len(traces))))
-    test_traces = sorted(torch.randperm(len(traces), generator=g)[:n_test].tolist())
+    # split by trace over all traces (those with no chunk too): the rule of every analysis
+    test_traces = split_traces(len(traces), test_frac, seed)[1].tolist()
     is_test = torch.isin(group, torch.tensor(test_traces))
     train, test = (~is_test).nonzero()[:, 0], is_test.nonzero()[:, 0]
     n_pos, n_neg = int(y[train].sum()), int((1 - y[train]).sum())
@@ -221,28 +216,16 @@ def early_exit_curve(confidence: Sequence[Tensor], correct: Sequence[Tensor],
 def _default_answers(model, traces: list[Trace], answers: Sequence | None) -> Sequence:
     if answers is not None:
         return answers
-    if getattr(model.hf.config, "thinklens_task", None) != "variable-binding":
-        raise ConfigError("pass answers= (the true answer of each trace); only the organism's "
-                          "answers can be read off its prompts")
-    from thinklens.zoo.task import problem_from_prompt
-    return [str(problem_from_prompt(t.prompt).answer) for t in traces]
+    if model.task is None:
+        raise ConfigError(f"pass answers= (the true answer of each trace); {model.name!r} has "
+                          "no task that can read the answers off its prompts")
+    return [model.task.answer(t) for t in traces]
 
 
-def _next_tokens(model, prefixes: list[list[int]], batch_size: int) -> list[int]:
-    """Greedy next token after each prefix (right-padded batches, shortest first)."""
-    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))
-    out = [0] * len(prefixes)
-    pad = model.tokenizer.pad_token_id or 0
-    for a in range(0, len(order), batch_size):
-        idx = order[a: a + batch_size]
-        lengths = torch.tensor([len(prefixes[i]) for i in idx])
-        ids = torch.full((len(idx), int(lengths.max())), pad, dtype=torch.long)
-        for j, i in enumerate(idx):
-            ids[j, : len(prefixes[i])] = torch.tensor(prefixes[i])
-        mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
-        with torch.no_grad():
-            logits = model.bridge(ids.to(model.device), attention_mask=mask.to(model.device))
-        last = logits[torch.arange(len(idx)), (lengths - 1).to(logits.device)]
-        for i, t in zip(idx, last.argmax(-1).tolist()):
-            out[i] = t
-    return out
+def next_tokens(model, prefixes: list[list[int]], batch_size: int | None = 16) -> list[int]:
+    """Greedy next token after each prefix, in input order: ``next_tokens(model, [[5, 6]]) == [9]``.
+
+    Only the last position of each prefix is unembedded (:func:`thinklens.hooks.forward.run`).
+    """
+    logits = fwd.run(model, prefixes, logits_at="last", batch_size=batch_size)
+    return [int(x[0].argmax()) for x in logits]

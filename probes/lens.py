@@ -25,7 +25,7 @@ and reported with a shuffled-label control, Hewitt & Liang 2019):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +34,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from thinklens.errors import ConfigError
-from thinklens.hooks.trace import Trace, check_tokenizer
+from thinklens.hooks import forward as fwd
+from thinklens.hooks.trace import Trace
 from thinklens.hooks.trace import positions as select_positions
-from thinklens.probes.data import ProbeData
+from thinklens.probes.data import ProbeData, split_traces
 from thinklens.probes.linear import fit_probe
 
 _ROWS = 512  # positions decoded at once: bounds the [rows, d_vocab] buffer of large vocabularies
@@ -100,8 +101,8 @@ def logit_lens(model, traces, *, answer: Any = None, layers: Any = "all",
     ``hook_resid_post``) or block indices (negatives count from the end; "embed" for the
     embeddings). ``positions``: any selector of :func:`thinklens.hooks.trace.positions`.
     """
-    traces = _check_traces(model, traces)
-    sites = _layer_sites(model, layers)
+    traces = fwd.as_traces(model, traces)
+    sites = layer_sites(model, layers)
     ans = answer_ids(model, traces, answer)
     pos = [select_positions(t, positions) for t in traces]
     n, n_layers, width = len(traces), len(sites), max((len(p) for p in pos), default=0)
@@ -120,7 +121,7 @@ def logit_lens(model, traces, *, answer: Any = None, layers: Any = "all",
                 prob[i, li, a: a + len(rows)] = target[:, 0].exp().cpu()
                 top[i, li, a: a + len(rows)] = lp.argmax(-1).cpu()
 
-    forward_batches(model, traces, sites, reduce, batch_size=batch_size)
+    fwd.read(model, traces, sites, reduce, batch_size=batch_size)
     positions_t = torch.full((n, width), -1, dtype=torch.long)
     for i, p in enumerate(pos):
         positions_t[i, : len(p)] = p
@@ -146,7 +147,7 @@ def answer_probe(model, traces, *, answers: Sequence | None = None, layers: Any 
     ``by``: "relative" (``n_bins`` evenly spaced tokens, first thinking token to ``</think>``) or
     "sentence" (last token of sentence k; traces with fewer sentences sit that one out).
     """
-    traces = _check_traces(model, traces)
+    traces = fwd.as_traces(model, traces)
     if by not in ("relative", "sentence"):
         raise ConfigError(f"by={by!r}; valid: 'relative', 'sentence'")
     if not 0 < test_frac < 1 or len(traces) < 4:
@@ -155,7 +156,7 @@ def answer_probe(model, traces, *, answers: Sequence | None = None, layers: Any 
     labels = list(answers) if answers is not None else answer_ids(model, traces, None)
     if len(labels) != len(traces):
         raise ConfigError(f"{len(labels)} answers for {len(traces)} traces; give one per trace")
-    sites = _layer_sites(model, layers)
+    sites = layer_sites(model, layers)
     if by == "relative":
         n_pts = n_bins
         bins = [f"{k / max(1, n_bins - 1):.0%}" for k in range(n_bins)]
@@ -175,12 +176,12 @@ def answer_probe(model, traces, *, answers: Sequence | None = None, layers: Any 
             if pts[i]:
                 feats[i, sites.index(site), : len(pts[i])] = x[j, pts[i]].float().cpu()
 
-    forward_batches(model, traces, sites, keep, batch_size=batch_size)
+    fwd.read(model, traces, sites, keep, batch_size=batch_size)
     classes = sorted(set(labels), key=str)
     y = torch.tensor([classes.index(c) for c in labels])
-    g = torch.Generator().manual_seed(seed)
     is_test = torch.zeros(len(traces), dtype=torch.bool)
-    is_test[torch.randperm(len(traces), generator=g)[: max(1, round(test_frac * len(traces)))]] = True
+    is_test[split_traces(len(traces), test_frac, seed)[1]] = True
+    g = torch.Generator().manual_seed(seed)  # the control's label shuffles
     acc = torch.full((len(sites), n_pts), float("nan"))
     ctl, chance = acc.clone(), torch.full((n_pts,), float("nan"))
     counts = torch.zeros(n_pts, dtype=torch.long)
@@ -240,16 +241,11 @@ def first_answer_token(trace: Trace) -> int | None:
     return ids[0] if ids else None
 
 
-def _check_traces(model, traces) -> list[Trace]:
-    traces = [traces] if isinstance(traces, Trace) else list(traces)
-    if not traces:
-        raise ConfigError("no traces; make some with model.think_batch(prompts)")
-    for t in traces:
-        check_tokenizer(t, model.tokenizer)
-    return traces
+def layer_sites(model, layers: Any) -> list[str]:
+    """Residual-stream sites of ``layers``: ``layer_sites(model, [-1]) == ['blocks.3.hook_resid_post']``.
 
-
-def _layer_sites(model, layers: Any) -> list[str]:
+    "all" is the embeddings (``blocks.0.hook_resid_pre``) then every ``hook_resid_post``.
+    """
     n = model.config.n_layers
     if isinstance(layers, str) and layers == "all":
         return ["blocks.0.hook_resid_pre"] + [f"blocks.{k}.hook_resid_post" for k in range(n)]
@@ -263,42 +259,3 @@ def _layer_sites(model, layers: Any) -> list[str]:
             raise ConfigError(f"layer {k!r} is not valid; give 'all', 'embed' or block indices "
                               f"{-n}..{n - 1}")
     return list(dict.fromkeys(out))
-
-
-class _Done(Exception):
-    """Raised by the deepest hook: the rest of the pass (and the unembedding) is not needed."""
-
-
-def forward_batches(model, traces: list[Trace], sites: list[str],
-                    fn: Callable[[str, Tensor, list[int]], None], *,
-                    batch_size: int = 8) -> None:
-    """Run traces in right-padded batches; ``fn(site, x [batch, pos, ...], trace_indices)``
-    is called inside each site's hook. The pass stops after the deepest site's hook, so
-    later layers and the ``[batch, pos, d_vocab]`` logits are never computed."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r}; must be a positive integer")
-    sites = model.sites(sites)  # model order: the last one fires last
-    order = sorted(range(len(traces)), key=lambda i: len(traces[i]))
-    pad = model.tokenizer.pad_token_id or 0
-    for a in range(0, len(order), batch_size):
-        idx = order[a: a + batch_size]
-        width = max(len(traces[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for j, i in enumerate(idx):
-            ids[j, : len(traces[i])] = torch.tensor(traces[i].token_ids)
-            mask[j, : len(traces[i])] = 1
-
-        def hook(site, idx=idx):
-            def f(x, hook):
-                fn(site, x.detach(), idx)
-                if site == sites[-1]:
-                    raise _Done
-                return x
-            return f
-
-        try:
-            with torch.no_grad(), model.hooks([(s, hook(s)) for s in sites]):
-                model.bridge(ids.to(model.device), attention_mask=mask.to(model.device))
-        except _Done:
-            pass

@@ -11,8 +11,9 @@ in thinking language models via steering vectors").
    * ``method="diff_means"``: mean over the label's positions minus the mean over the
      other thinking positions.
    * ``method="venhoff"``: mean over positions ``[start - 1, start + 10)`` of each of
-     the label's spans (windows pooled, each span's window counted once), minus the mean
-     over the whole thinking, rescaled to the norm of that overall mean.
+     the label's spans, clipped to the thinking (never the prompt, the closing tag or
+     the answer; windows pooled, each span's window counted once), minus the mean over
+     the whole thinking, rescaled to the norm of that overall mean.
 
 3. **Steer** (:func:`steer`): add ``alpha * v`` to ``blocks.L.hook_resid_post`` at every
    position, while generating, inside a ``with`` block (hooks removed on exit, also
@@ -34,10 +35,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from thinklens.errors import ConfigError
+from thinklens.hooks import forward as fwd
 from thinklens.hooks.activations import SiteActivations
 from thinklens.hooks.sites import layer_of
 from thinklens.hooks.trace import Trace
-from thinklens.probes.lens import _check_traces, first_answer_token, forward_batches
+from thinklens.probes.lens import first_answer_token
 
 METHODS = ("diff_means", "venhoff")
 WINDOW = (-1, 10)  # Venhoff et al.: [start - 1, start + 10) of each span
@@ -108,7 +110,7 @@ def steering_vector(source, traces, label: Any, layer: int | None = None, *,
             raise ConfigError(f"{source.values.shape[0]} traces of activations (with positions) "
                               f"for {len(traces)} traces; pass the capture's own traces")
     else:
-        traces = _check_traces(source, traces)
+        traces = fwd.as_traces(source, traces)
         if layer is None or not -source.config.n_layers <= layer < source.config.n_layers:
             raise ConfigError(f"layer={layer!r}; give a block index 0..{source.config.n_layers - 1}")
         site = f"blocks.{layer % source.config.n_layers}.hook_resid_post"
@@ -134,7 +136,7 @@ def steering_vector(source, traces, label: Any, layer: int | None = None, *,
                 for which, want in enumerate(sets[i]):
                     add(x[j, want].double().cpu(), which)
 
-        forward_batches(source, traces, [site], keep, batch_size=batch_size)
+        fwd.read(source, traces, [site], keep, batch_size=batch_size)
     if not counts[0] or not counts[1]:
         raise ConfigError(f"label {label!r}: {counts[0]} labelled and {counts[1]} baseline "
                           "positions; both are needed")
@@ -164,9 +166,10 @@ def _position_sets(trace: Trace, label: Any, method: str, token_labels: Callable
     """(label positions, baseline positions) of one trace, as token indices."""
     think, spans = trace.think_span, _spans(trace, label, token_labels)
     if method == "venhoff":
-        # each span's window counts once, so a position in two windows counts twice
+        # each span's window counts once, so a position in two windows counts twice; the
+        # window is clipped to the thinking: never the prompt, `</think>` or the answer
         pos = [k for a, _ in spans
-               for k in range(max(0, a + WINDOW[0]), min(len(trace), a + WINDOW[1]))]
+               for k in range(max(think.start, a + WINDOW[0]), min(think.end, a + WINDOW[1]))]
         return pos, list(think.range)
     inside = sorted({k for a, b in spans for k in range(a, b)})
     if against is not None:

@@ -78,30 +78,48 @@ def test_padded_batch_equals_one_by_one(qwen2, traces):
 def test_pattern_rows_sum_to_one(qwen2, traces):
     cap = qwen2.capture(traces, sites="blocks.*.attn.hook_pattern")
     pat = cap["blocks.2.attn.hook_pattern"]
-    assert pat.axes == ("trace", "pos", "head", "key_pos")
+    assert pat.axes == ("trace", "head", "query_pos", "key_pos")   # TransformerLens's layout
+    assert pat.lengths.tolist() == [len(t) for t in traces]      # query rows per trace
+    assert pat.labels["head"] == [0, 1, 2, 3]
     for i, t in enumerate(traces):
-        rows = pat.unpadded(i)  # [pos, head, key]
-        assert rows.shape == (len(t), 4, len(t))
-        torch.testing.assert_close(rows.sum(-1), torch.ones(len(t), 4), atol=1e-5, rtol=0)
-        assert torch.all(rows.triu(diagonal=1).abs() < 1e-12) or True
-        causal = torch.triu(torch.ones(len(t), len(t), dtype=torch.bool), 1)
-        assert rows.permute(1, 0, 2)[:, causal].abs().max() == 0
+        rows = pat.unpadded(i)  # [head, query, key]
+        assert rows.shape == (4, len(t), len(t))
+        torch.testing.assert_close(rows.sum(-1), torch.ones(4, len(t)), atol=1e-5, rtol=0)
+        assert rows.triu(diagonal=1).abs().max() == 0            # causal: no key after the query
+        assert (rows.diagonal(dim1=1, dim2=2) > 0).all()
 
 
 def test_streamed_sentence_attention_equals_full_pattern_reduction(qwen2, traces):
     cap = qwen2.capture(traces, sites="blocks.*.attn.hook_pattern", attention="sentence")
     red = cap["sentence_attention"]
-    assert red.axes == ("trace", "layer", "head", "sentence", "sentence")
+    assert red.axes == ("trace", "layer", "head", "query_sentence", "key_sentence")
     for i, t in enumerate(traces):
         n = len(t.sentences)
         for layer in range(3):
-            full = cap[f"blocks.{layer}.attn.hook_pattern"].unpadded(i).permute(1, 0, 2)
+            full = cap[f"blocks.{layer}.attn.hook_pattern"].unpadded(i)   # [head, q, k]
             expect = torch.zeros(4, n, n)
             for a, sa in enumerate(t.sentences):
                 for b, sb in enumerate(t.sentences):  # the definition, by brute force
                     expect[:, a, b] = full[:, sa.start:sa.end, sb.start:sb.end].mean((1, 2))
             torch.testing.assert_close(red.values[i, layer, :, :n, :n], expect,
                                        atol=1e-6, rtol=0)
+
+
+def test_lengths_count_the_ragged_axis(qwen2, traces):
+    """lengths is the per-trace length (sentences; query rows), not the first axis's size."""
+    red = qwen2.capture(traces, attention="sentence")["sentence_attention"]
+    assert red.lengths.tolist() == [len(t.sentences) for t in traces] == [3, 1, 3, 2]
+    assert red.mask.shape == (4, 3) and red.mask.sum().item() == 9
+    for i, t in enumerate(traces):
+        assert red.unpadded(i).shape == (3, 4, len(t.sentences), len(t.sentences))
+    cap = qwen2.capture(traces, attention=[(1, 0), (1, 2)], positions="sentence_ends")
+    pat = cap["blocks.1.attn.hook_pattern"]
+    assert pat.lengths.tolist() == [len(t.sentences) for t in traces]   # not 2 (the heads)
+    assert pat.positions[1].tolist() == [traces[1].sentences[0].end - 1, -1, -1]
+    rows, tr, pos = pat.flat()                     # one row per (trace, chosen query)
+    assert rows.shape == (9, 2, max(len(t) for t in traces))
+    assert tr.tolist() == [0, 0, 0, 1, 2, 2, 2, 3, 3]
+    assert pos.tolist() == [s.end - 1 for t in traces for s in t.sentences]
 
 
 def test_sentence_means_hand_computed():
@@ -120,10 +138,24 @@ def test_chosen_heads_full_patterns(qwen2, traces):
     assert cap.meta["heads"] == {"blocks.1.attn.hook_pattern": [0, 3],
                                  "blocks.2.attn.hook_pattern": [2]}
     ref = qwen2.capture(traces[:2], sites="blocks.1.attn.hook_pattern")
-    got = cap["blocks.1.attn.hook_pattern"].values[0]          # [head, q, k]
-    full = ref["blocks.1.attn.hook_pattern"].values[0]         # [q, head, k]
+    got = cap["blocks.1.attn.hook_pattern"]
+    full = ref["blocks.1.attn.hook_pattern"]
+    assert got.axes == full.axes == ("trace", "head", "query_pos", "key_pos")   # one layout
+    assert got.labels["head"] == [0, 3]
     n = len(traces[0])
-    torch.testing.assert_close(got[:, :n, :n], full[:n, [0, 3], :n].permute(1, 0, 2))
+    torch.testing.assert_close(got.values[0][:, :n, :n], full.values[0][[0, 3], :n, :n])
+
+
+def test_pattern_site_and_chosen_heads_agree_at_chosen_positions(qwen2, traces):
+    site = qwen2.capture(traces, sites="blocks.1.attn.hook_pattern", positions="thinking")
+    heads = qwen2.capture(traces, attention=[(1, 1)], positions="thinking")
+    a, b = site["blocks.1.attn.hook_pattern"], heads["blocks.1.attn.hook_pattern"]
+    assert a.axes == b.axes and torch.equal(a.positions, b.positions)
+    torch.testing.assert_close(a.values[:, [1]], b.values, atol=0, rtol=0)
+    full = qwen2.capture(traces, sites="blocks.1.attn.hook_pattern")["blocks.1.attn.hook_pattern"]
+    for i, t in enumerate(traces):
+        rows = t.think_span.range
+        torch.testing.assert_close(a.unpadded(i), full.unpadded(i)[:, rows.start:rows.stop])
 
 
 def test_positions_select_rows(qwen2, traces):
@@ -165,7 +197,7 @@ def test_bad_input_errors(qwen2, qwen2_dir, traces, tmp_path):
 
 def test_over_budget_refused_before_running(qwen2, traces, monkeypatch, tmp_path):
     ran = []
-    monkeypatch.setattr(capture_mod, "_run_batch", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(capture_mod, "_batch_hooks", lambda *a, **k: ran.append(1))
     with pytest.raises(BudgetError, match=r"needs about .* budget is 1\.0 KB.*store="):
         qwen2.capture(traces, sites="blocks.*.hook_resid_post", budget=1000)
     with pytest.raises(BudgetError, match="budget"):
@@ -196,8 +228,8 @@ def test_streaming_to_store_fits_where_memory_does_not(qwen2, traces, tmp_path):
 def test_capture_to_store_resumes_without_recompute(qwen2, traces, tmp_path, monkeypatch):
     qwen2.capture(traces[:2], sites="blocks.0.hook_resid_post", store=tmp_path / "acts")
     calls = []
-    real = capture_mod._run_batch
-    monkeypatch.setattr(capture_mod, "_run_batch",
+    real = capture_mod._batch_hooks
+    monkeypatch.setattr(capture_mod, "_batch_hooks",
                         lambda m, tr, *a: calls.append(len(tr)) or real(m, tr, *a))
     st = qwen2.capture(traces, sites="blocks.0.hook_resid_post", store=tmp_path / "acts")
     assert sum(calls) == 2 and len(st) == 4

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from thinklens.errors import ConfigError
+from thinklens.hooks.activations import SiteActivations
 from thinklens.hooks.trace import Sentence, Span, Trace
 from thinklens.probes.correctness import chunk_thinking, correctness_probe, early_exit_curve
-from thinklens.probes.lens import answer_probe, lens_logits, logit_lens
-from thinklens.probes.steering import dose_response, steer, steering_vector
+from thinklens.probes.lens import AnswerProbeResult, answer_probe, lens_logits, logit_lens
+from thinklens.probes.steering import DoseResponse, dose_response, steer, steering_vector
 from thinklens.zoo.evaluate import heldout_problems
 from thinklens.zoo.organism import token_truth
 from thinklens.zoo.task import TaskConfig
@@ -114,7 +115,6 @@ def test_answer_probe_reads_the_answer_late_not_early(organism, solved):
     assert res.bins == ["0%", "50%", "100%"]
     assert res.control.shape == res.accuracy.shape and res.chance.shape == (3,)
     assert ((res.accuracy >= 0) & (res.accuracy <= 1)).all()
-    assert_close(res.selectivity, res.accuracy - res.control, atol=0)
     # at 100% (the closing tag, which predicts the answer) the last layer reads it off;
     # at the first thinking token (the query variable) nothing is known yet
     assert res.accuracy[-1, -1] >= 0.8 * sum(solved.ok) / len(solved.ok), res.accuracy
@@ -123,6 +123,19 @@ def test_answer_probe_reads_the_answer_late_not_early(organism, solved):
     depth2 = answer_probe(organism, solved.traces[24:48], by="sentence", layers=[-1])
     assert depth2.bins == ["sentence 0", "sentence 1", "sentence 2"]  # 2 lookups, 1 computation
     assert (depth2.n_test == depth2.n_test[0]).all()
+
+
+def test_selectivity_and_change_by_hand():
+    res = AnswerProbeResult(accuracy=torch.tensor([[0.9, 0.5], [0.25, 1.0]]),
+                            control=torch.tensor([[0.3, 0.5], [0.5, 0.75]]),
+                            chance=torch.tensor([0.5, 0.5]), n_test=torch.tensor([4, 4]),
+                            layers=["a", "b"], bins=["0%", "100%"])
+    assert_close(res.selectivity, torch.tensor([[0.6, 0.0], [-0.25, 0.25]]), atol=1e-6)
+    dr = DoseResponse(alphas=torch.tensor([0.0, 1.0, 2.0]),
+                      frequency=torch.tensor([0.125, 0.5, 0.25]),
+                      accuracy=torch.full((3,), float("nan")),
+                      thinking_tokens=torch.zeros(3), metric_name="m")
+    assert_close(dr.change, torch.tensor([0.0, 0.375, 0.125]), atol=1e-6)
 
 
 # ---- correctness probe and early exit --------------------------------------------------
@@ -196,7 +209,8 @@ def test_steering_vector_matches_means_of_a_capture(organism, solved):
         for s in t.sentences:
             if s.tag == "computation":
                 rows.append(x[s.start:s.end])
-                venhoff.append(x[s.start - 1:s.start + 10])
+                think = t.think_span   # Venhoff's window, clipped to the thinking
+                venhoff.append(x[max(think.start, s.start - 1):min(think.end, s.start + 10)])
         comp = {k for s in t.sentences if s.tag == "computation" for k in s.span.range}
         rest.append(x[[k for k in t.think_span.range if k not in comp]])
         every.append(x[t.think_span.start:t.think_span.end])
@@ -210,6 +224,24 @@ def test_steering_vector_matches_means_of_a_capture(organism, solved):
     assert_close(vh.vector, ref / ref.norm() * base.norm(), atol=1e-4)
     with pytest.raises(ConfigError, match="sentence tags found"):
         steering_vector(organism, traces, "backtracking", 1)
+
+
+def test_venhoff_window_stays_inside_the_thinking(qwen2):
+    """A label on the last thinking tokens: its window [start - 1, start + 10) would run into
+    '</think>' and the answer; it stops at the thinking's end."""
+    trace = Trace.from_text(qwen2, "b = a + 2 ; a = 7 ; ? b",
+                            "b = a + 2 . a = 7 . b = 7 + 2 = 9 . </think> 9 <eos>")
+    think = trace.think_span
+    start = think.end - 3                         # the last three thinking tokens
+    labels = ["x" if start <= k < think.end else None for k in range(len(trace))]
+    x = torch.randn(len(trace), 64)
+    acts = SiteActivations("blocks.1.hook_resid_post", x[None], ("trace", "pos", "d_model"),
+                           torch.tensor([len(trace)]), torch.arange(len(trace))[None])
+    v = steering_vector(acts, [trace], "x", method="venhoff", token_labels=lambda t: labels)
+    assert (v.n_label, v.n_base) == (4, len(think))   # start - 1 .. think.end - 1, by hand
+    base = x[think.start:think.end].mean(0)
+    ref = x[start - 1:think.end].mean(0) - base
+    assert_close(v.vector, ref / ref.norm() * base.norm(), atol=1e-5)
 
 
 def test_steer_adds_alpha_v_and_always_removes_its_hook(organism, solved):
@@ -264,7 +296,6 @@ def test_dose_response_steers_generation_toward_a_digit(organism, solved):
                        answers=[p.answer for p in problems], max_new_tokens=40)
     assert dr.axes == ("alpha",) and dr.frequency.shape == (4,) and dr.metric_name == "sevens"
     assert (dr.frequency.diff() >= -1e-9).all(), dr.frequency
-    assert_close(dr.change, dr.frequency - dr.frequency[0], atol=0)
     assert dr.frequency[-1] >= dr.frequency[0] + 0.4, dr.frequency
     assert dr.accuracy[0] >= 0.5 and dr.accuracy[-1] < dr.accuracy[0], dr.accuracy
     assert organism.n_hooks() == 0
