@@ -34,17 +34,19 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from thinklens.circuits import _edges
+from thinklens.circuits import _edges, _engine
 from thinklens.circuits.graph import Graph
-from thinklens.circuits.metrics import check_rows
+from thinklens.circuits.metrics import check_rows, normalize
 from thinklens.circuits.pairs import Pair, input_tokens
-from thinklens.circuits.patching import _recorder, _run, _setup, rows_per_pass
+from thinklens.circuits.results import AttributionResult
 from thinklens.errors import ConfigError
+from thinklens.hooks._fileio import atomic_write_text
 
-FORMAT, VERSION = "thinklens.circuit", 1
-ABLATIONS = ("corrupt", "mean")
+__all__ = ["Circuit", "FaithfulnessCurve", "faithfulness_curve"]
+
+_FORMAT, _VERSION = "thinklens.circuit", 1
+_ABLATIONS = ("corrupt", "mean")
 
 
 @dataclass
@@ -132,15 +134,13 @@ class Circuit:
             keep = (key >= threshold) & self.edges
         return replace(self, edges=keep)
 
-    def node_effects(self, site: str = "z") -> Any:
+    def node_effects(self, site: str = "z") -> AttributionResult:
         """Each sender's summed out-edge scores as an estimate of patching it.
 
         ``site="z"``: heads, ``values [layer, head]`` comparable with
         ``patch(model, pair, "z", by=("layer", "head"))``; ``"mlp_out"``: ``[layer]``.
         Over the full graph (all edges), EAP's node effect is AtP's.
         """
-        from thinklens.circuits.attribution import AttributionResult
-
         g = self.graph
         total = (self.scores * self.graph.valid).sum(1)
         base = self.corrupt if self.direction == "denoising" else self.clean
@@ -164,13 +164,11 @@ class Circuit:
 
     def to_json(self, path: str | Path) -> Path:
         """Write every edge of the graph (score, in circuit or not) atomically."""
-        from thinklens.hooks._fileio import atomic_write_text
-
         path = Path(path)
         s, r = self.graph.valid.nonzero(as_tuple=True)
         edges = [{"edge": self.graph.edge_name(i, j), "score": float(self.scores[i, j]),
                   "in_circuit": bool(self.edges[i, j])} for i, j in zip(s.tolist(), r.tolist())]
-        doc = {"format": FORMAT, "version": VERSION, "model": self.model,
+        doc = {"format": _FORMAT, "version": _VERSION, "model": self.model,
                "graph": self.graph.to_dict(), "metric": self.metric, "clean": self.clean,
                "corrupt": self.corrupt, "direction": self.direction, "method": self.method,
                "edges": edges}
@@ -192,12 +190,12 @@ class Circuit:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{str(path)!r} is not a JSON circuit file: {err}") from err
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
             raise ConfigError(f"{str(path)!r} is not a thinklens circuit (format "
-                              f"{FORMAT!r} expected); write one with Circuit.to_json")
-        if doc.get("version") != VERSION:
+                              f"{_FORMAT!r} expected); write one with Circuit.to_json")
+        if doc.get("version") != _VERSION:
             raise ConfigError(f"{str(path)!r}: circuit format version {doc.get('version')!r}; "
-                              f"this thinklens reads version {VERSION}")
+                              f"this thinklens reads version {_VERSION}")
         graph = Graph.from_dict(doc.get("graph"))
         for key, kind in (("metric", str), ("clean", float), ("corrupt", float),
                           ("direction", str), ("method", str), ("model", str),
@@ -285,8 +283,9 @@ def _mean_outputs(model: Any, inputs: Sequence[Any], n: int) -> Tensor:
     for k, x in enumerate(inputs):
         ids = torch.tensor(input_tokens(model, x, f"mean_over[{k}]")[0])[None]
         acts: dict[str, Tensor] = {}
-        rec = _recorder(acts)
-        _run(model, ids, ids.shape[1] - 1, [rec(s) for s in model.sites(list(_edges.SENDER_SITES))])
+        rec = _engine.recorder(acts)
+        _engine.run_answer(model, ids, ids.shape[1] - 1,
+                           [rec(s) for s in model.sites(list(_edges.SENDER_SITES))])
         outs.append(_edges.sender_outputs(acts, weights)[0])
     if all(o.shape[1] >= n for o in outs):
         return torch.stack([o[:, :n] for o in outs]).mean(0)
@@ -301,34 +300,30 @@ def _evaluate(model: Any, pair: Pair, circuit: Circuit, masks: list[Tensor], abl
     if graph != circuit.graph:
         raise ConfigError(f"circuit graph ({circuit.graph.describe()}) does not match model "
                           f"{model.name!r} ({graph.describe()})")
-    if ablation not in ABLATIONS:
-        raise ConfigError(f"ablation={ablation!r}; valid: {', '.join(ABLATIONS)}")
+    if ablation not in _ABLATIONS:
+        raise ConfigError(f"ablation={ablation!r}; valid: {', '.join(_ABLATIONS)}")
     if (ablation == "mean") != (mean_over is not None):
         raise ConfigError("ablation='mean' needs mean_over=[inputs...] (and mean_over only "
                           "goes with ablation='mean')")
     metric = metric if metric is not None else circuit.metric
     sites = model.sites(list(_edges.SENDER_SITES))
-    ctx = _setup(model, pair, metric, "noising", (), sites)  # base = clean, source = corrupt
+    ctx = _engine.run_pair(model, pair, metric, "noising", (), sites)  # base clean, source corrupt
     n = pair.answer_pos + 1
     if ablation == "corrupt":
-        ablated = _edges.sender_outputs(ctx["acts_src"], _edges.layer_weights(model))[0, :, :n]
+        ablated = _edges.sender_outputs(ctx.acts_src, _edges.layer_weights(model))[0, :, :n]
     else:
         ablated = _mean_outputs(model, mean_over, n)
     rows = [torch.zeros_like(graph.valid)] + list(masks)  # row 0: everything ablated
     out = torch.empty(len(rows))
-    step = rows_per_pass(model, n, batch_size, budget)
-    chunks = [list(range(i, min(i + step, len(rows)))) for i in range(0, len(rows), step)]
-    for idx in tqdm(chunks, disable=not (progress if progress is not None else len(chunks) > 4),
-                    desc="circuits"):
+    step = _engine.rows_per_pass(model, n, batch_size, budget)
+    for idx in _engine.chunked(list(range(len(rows))), step, progress, "circuits"):
         keep = torch.stack([rows[i] for i in idx])
-        ids = ctx["base"][:, :n].expand(len(idx), -1)
+        ids = ctx.base[:, :n].expand(len(idx), -1)
         logits, _ = _edges.edge_run(model, graph, ids, keep=keep, ablated=ablated)
-        out[idx] = check_rows(ctx["fn"](logits), len(idx), ctx["name"]).float().cpu()
-    empty, full = float(out[0]), ctx["clean"]
-    if full == empty:
-        raise ConfigError(f"metric {ctx['name']!r} is {full:.4g} with and without every "
-                          "edge; nothing to normalise by (pick a pair whose answers differ)")
+        out[idx] = check_rows(ctx.fn(logits), len(idx), ctx.name).float().cpu()
+    empty, full = float(out[0]), ctx.clean
     values = out[1:]
+    faith = normalize(values, full, empty, what=f"metric {ctx.name!r} (every edge kept vs none)")
     return FaithfulnessCurve(list(sizes) if sizes is not None else [int(m.sum()) for m in masks],
-                             (values - empty) / (full - empty), values, full, empty,
-                             int(graph.valid.sum()), ctx["name"], ablation, circuit.method)
+                             faith, values, full, empty, int(graph.valid.sum()), ctx.name,
+                             ablation, circuit.method)

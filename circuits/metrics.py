@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -61,14 +62,26 @@ def kl_to(reference: Float[Tensor, "d_vocab"]) -> Metric:  # noqa: F821
     return Metric("kl", fn)
 
 
-def normalized(metric: MetricFn, clean: float, corrupt: float) -> Metric:
-    """``(m - corrupt) / (clean - corrupt)`` of another metric."""
+def normalize(values: Any, clean: float, corrupt: float, *, what: str = "the metric") -> Any:
+    """``(values - corrupt) / (clean - corrupt)``: 0 = the corrupted run's value, 1 = the
+    clean run's. The one normalisation of thinklens: :meth:`PatchResult.normalized`, the
+    ``normalized_*`` metrics, a circuit's faithfulness (``clean`` = every edge kept,
+    ``corrupt`` = none) and the figures all call it. Tensors, arrays and floats alike.
+
+    Example: ``normalize(torch.tensor([2.0, 3.0]), clean=3.0, corrupt=1.0)`` -> ``[0.5, 1.0]``.
+    """
     if clean == corrupt:
-        raise ConfigError(f"cannot normalise: the metric is {clean:.4g} on both the clean and "
-                          "the corrupted run, so there is no difference to recover; pick a pair "
-                          "whose answers differ, or an unnormalised metric")
+        raise ConfigError(f"cannot normalise: {what} is {clean:.4g} on both the clean and "
+                          "the corrupted run, so there is no difference to recover; pick a "
+                          "pair whose answers differ, or an unnormalised metric")
+    return (values - corrupt) / (clean - corrupt)
+
+
+def normalized(metric: MetricFn, clean: float, corrupt: float) -> Metric:
+    """:func:`normalize` of another metric: ``(m - corrupt) / (clean - corrupt)``."""
     name = getattr(metric, "name", getattr(metric, "__name__", "metric"))
-    return Metric(f"normalized_{name}", lambda lg: (metric(lg) - corrupt) / (clean - corrupt))
+    normalize(0.0, clean, corrupt, what=f"metric {name!r}")  # refuse now, not at each call
+    return Metric(f"normalized_{name}", lambda lg: normalize(metric(lg), clean, corrupt))
 
 
 def check_rows(out: object, n: int, name: str) -> Tensor:

@@ -29,12 +29,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from thinklens.circuits import metrics as _metrics
+from thinklens.circuits import _engine
+from thinklens.circuits._engine import PairRuns, layout_of, put, run_answer
+from thinklens.circuits.metrics import check_rows
 from thinklens.circuits.pairs import Pair
-from thinklens.circuits.patching import PatchResult, _run, _setup, layout_of, put, rows_per_pass
+from thinklens.circuits.results import PatchResult
 from thinklens.errors import ConfigError
+
+__all__ = ["path_patch", "Node"]
 
 Node = tuple[int, int] | tuple[int, int, str] | str
 
@@ -77,7 +80,7 @@ def _write(act: torch.Tensor, site: str, rows: torch.Tensor, head: int | None,
     put(act, layout_of(site), rows, allpos, torch.tensor([[head]]), src, src_rows=src_rows)
 
 
-def _two_passes(model: Any, ctx: dict, pair: Pair, groups: list[list], recv: list,
+def _two_passes(model: Any, ctx: PairRuns, pair: Pair, groups: list[list], recv: list,
                 frozen: list[str]) -> torch.Tensor:
     """Answer logits ``[len(groups), d_vocab]``: row i path-patches sender group i."""
     n = len(groups)
@@ -90,10 +93,10 @@ def _two_passes(model: Any, ctx: dict, pair: Pair, groups: list[list], recv: lis
 
     def first(act, hook, site):
         # freeze at the base value, then give each row its sender's source value
-        frozen_act = ctx["acts_base"].get(site)
+        frozen_act = ctx.acts_base.get(site)
         act = (act if frozen_act is None else frozen_act.expand_as(act)).clone()
         for row, head in writes.get(site, []):
-            _write(act, site, torch.tensor([row]), head, ctx["acts_src"][site])
+            _write(act, site, torch.tensor([row]), head, ctx.acts_src[site])
         if site in recv_sites:
             recorded[site] = act.clone()
         return act
@@ -105,11 +108,12 @@ def _two_passes(model: Any, ctx: dict, pair: Pair, groups: list[list], recv: lis
                 _write(act, s, rows, head, recorded[s], src_rows=rows)
         return act
 
-    base, rows = ctx["base"].expand(n, -1), torch.arange(n)
+    base, rows = ctx.base.expand(n, -1), torch.arange(n)
     hooked = sorted(set(frozen) | set(writes) | recv_sites)
-    _run(model, base, pair.answer_pos, [(s, lambda a, hook, s=s: first(a, hook, s)) for s in hooked])
-    logits, _ = _run(model, base, pair.answer_pos,
-                     [(s, lambda a, hook, s=s: second(a, hook, s)) for s in recv_sites])
+    run_answer(model, base, pair.answer_pos,
+               [(s, lambda a, hook, s=s: first(a, hook, s)) for s in hooked])
+    logits, _ = run_answer(model, base, pair.answer_pos,
+                           [(s, lambda a, hook, s=s: second(a, hook, s)) for s in recv_sites])
     return logits
 
 
@@ -145,20 +149,16 @@ def path_patch(model: Any, pair: Pair, senders: str | Sequence[Any], receivers: 
         raise ConfigError(f"receiver site {held[0]!r} is held at its base value in the first "
                           "pass; receivers are head inputs (layer, head, 'q') or residual sites")
     send_sites = sorted({s for g in groups for s, _ in g})
-    ctx = _setup(model, pair, metric, direction, frozen, send_sites)
-    n_tok = len(pair)
+    ctx = _engine.run_pair(model, pair, metric, direction, frozen, send_sites)
     out = torch.empty(len(groups))
-    step = rows_per_pass(model, n_tok, batch_size, budget)
-    chunks = [list(range(i, min(i + step, len(groups)))) for i in range(0, len(groups), step)]
-    for chunk in tqdm(chunks, disable=not (progress if progress is not None else len(chunks) > 4),
-                      desc="path patching"):
+    step = _engine.rows_per_pass(model, len(pair), batch_size, budget)
+    for chunk in _engine.chunked(list(range(len(groups))), step, progress, "path patching"):
         logits = _two_passes(model, ctx, pair, [groups[g] for g in chunk], recv, frozen)
-        out[chunk] = _metrics.check_rows(ctx["fn"](logits), len(chunk),
-                                         ctx["name"]).detach().float().cpu()
+        out[chunk] = check_rows(ctx.fn(logits), len(chunk), ctx.name).detach().float().cpu()
     about = f"path -> {', '.join(map(str, receivers))}"
     if grid:
         return PatchResult(out.reshape(cfg.n_layers, cfg.n_heads), ("layer", "head"),
                            {"layer": list(range(cfg.n_layers)), "head": list(range(cfg.n_heads))},
-                           ctx["name"], ctx["clean"], ctx["corrupt"], about, direction)
-    return PatchResult(out, ("sender",), {"sender": [str(g) for g in senders]}, ctx["name"],
-                       ctx["clean"], ctx["corrupt"], about, direction)
+                           ctx.name, ctx.clean, ctx.corrupt, about, direction)
+    return PatchResult(out, ("sender",), {"sender": [str(g) for g in senders]}, ctx.name,
+                       ctx.clean, ctx.corrupt, about, direction)
