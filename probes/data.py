@@ -38,20 +38,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
 from thinklens.errors import ConfigError
 from thinklens.hooks.trace import POSITION_SELECTORS
 from thinklens.hooks.trace import positions as select_positions
 
-LEVELS = ("trace", "sentence", "token")
+__all__ = ["LEVELS", "TASKS", "ProbeData", "class_balance", "group_split", "probe_data",
+           "probe_data_at", "split_traces"]
+
+LEVELS = ("trace", "sentence", "token")     # what a label is attached to
 TASKS = ("classification", "regression")
 
 
 @dataclass
 class ProbeData:
-    """Rows for a probe: ``X[site, row]`` is the feature vector, ``y[row]`` its target.
+    """Rows for a probe: ``X[site, row]`` is the feature vector, ``y[row]`` its target
+    (an int64 index into ``classes``, or a float32 regression target), ``groups[row]`` the
+    trace it came from and ``positions[row]`` the token its features were read at.
 
     Example::
 
@@ -62,7 +67,7 @@ class ProbeData:
     """
 
     X: Float[Tensor, "site n d"]  # noqa: F722
-    y: Tensor
+    y: Shaped[Tensor, " n"]  # noqa: F722
     groups: Int[Tensor, " n"]  # noqa: F722
     positions: Int[Tensor, " n"]  # noqa: F722
     sites: list[str]
@@ -95,6 +100,7 @@ class ProbeData:
 
     @property
     def n_classes(self) -> int:
+        """Number of classes (0 for regression)."""
         return len(self.classes or [])
 
     def __len__(self) -> int:
@@ -184,11 +190,19 @@ def _feature_token(trace, tok: int, spec: int | str, level: str) -> int:
     return tok + spec
 
 
-def build(acts, sites: str | Sequence[str], labels: Any, *, level: str = "token",
-          positions: Sequence[int | str] = (0,), task: str | None = None) -> list[ProbeData]:
+def probe_data_at(acts, sites: str | Sequence[str], labels: Any, *, level: str = "token",
+                  positions: Sequence[int | str] = (0,), task: str | None = None
+                  ) -> list[ProbeData]:
     """One :class:`ProbeData` per entry of ``positions``, over the same labelled rows.
 
-    Each site is read once for all positions (the sweep's single pass).
+    :func:`probe_data` at several positions: only rows whose features were captured at
+    *every* position are kept, so the data sets line up row for row. Each site is read
+    once for all positions (the sweep's single pass).
+
+    Example::
+
+        datas = probe_data_at(cap, "blocks.*.hook_resid_post", value, positions=[-1, 0])
+        [d.X.shape for d in datas]         # [(4, n, 128), (4, n, 128)]: same rows
     """
     names = _sites(acts, sites)
     traces = list(acts.traces)
@@ -257,7 +271,7 @@ def probe_data(acts, sites: str | Sequence[str], labels: Any, *, level: str = "t
         data = probe_data(cap, "blocks.*.hook_resid_post", value)
         data.X.shape   # (4, n, 128): (site, row, d_model)
     """
-    return build(acts, sites, labels, level=level, positions=(offset,), task=task)[0]
+    return probe_data_at(acts, sites, labels, level=level, positions=(offset,), task=task)[0]
 
 
 def split_traces(traces: int | Int[Tensor, " n"], test_frac: float = 0.25, seed: int = 0,  # noqa: F722

@@ -40,26 +40,30 @@ from torch import Tensor
 
 from thinklens.errors import ConfigError
 
+__all__ = ["CLASSIFICATION_METRICS", "REGRESSION_METRICS", "accuracy", "auroc",
+           "balanced_accuracy", "bootstrap_weights", "ece", "mse", "pearson", "percentile_ci",
+           "r2", "score", "spearman"]
+
 # shapes: "..." is any leading axes (sites, label sets, resamples), broadcast together
-Labels = Shaped[Tensor, " n"]            # int64 class indices, or float targets for r2
-Pred = Shaped[Tensor, "... n"]           # predicted class index, or predicted value
-Proba = Float[Tensor, "... n C"]         # class probabilities
-Weight = Float[Tensor, "... n"]          # row weights (bootstrap counts)
+_Labels = Shaped[Tensor, " n"]            # int64 class indices, or float targets for r2
+_Pred = Shaped[Tensor, "... n"]           # predicted class index, or predicted value
+_Proba = Float[Tensor, "... n class"]     # class probabilities
+_Weight = Float[Tensor, "... n"]          # row weights (bootstrap counts)
 
 
 def _w(ref: Tensor, weight: Tensor | None) -> Tensor:
     return torch.ones_like(ref, dtype=torch.float64) if weight is None else weight.to(torch.float64)
 
 
-def accuracy(y: Labels, pred: Pred, weight: Weight | None = None) -> Tensor:
+def accuracy(y: _Labels, pred: _Pred, weight: _Weight | None = None) -> Tensor:
     """Weighted fraction of ``pred == y``; e.g. ``accuracy(y, pred[site, n])`` is ``[site]``."""
     correct = (pred == y).to(torch.float64)
     w = _w(correct, weight)
     return (correct * w).sum(-1) / w.sum(-1)
 
 
-def balanced_accuracy(y: Labels, pred: Pred, n_classes: int,
-                      weight: Weight | None = None) -> Tensor:
+def balanced_accuracy(y: _Labels, pred: _Pred, n_classes: int,
+                      weight: _Weight | None = None) -> Tensor:
     """Mean over classes present in ``y`` of the recall (``balanced_accuracy_score``)."""
     onehot = torch.nn.functional.one_hot(y, n_classes).to(torch.float64)  # [n, C]
     correct = (pred == y).to(torch.float64)
@@ -97,7 +101,7 @@ def _auroc_binary(pos: Tensor, scores: Tensor, weight: Tensor) -> Tensor:
     return torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full_like(auc, float("nan")))
 
 
-def auroc(y: Labels, scores: Pred | Proba, weight: Weight | None = None) -> Tensor:
+def auroc(y: _Labels, scores: _Pred | _Proba, weight: _Weight | None = None) -> Tensor:
     """Area under the ROC curve: binary (``scores [..., n]`` of class 1, or ``[..., n, 2]``)
     or one-vs-rest macro over classes (``scores [..., n, C]``), NaN where undefined.
 
@@ -119,7 +123,7 @@ def auroc(y: Labels, scores: Pred | Proba, weight: Weight | None = None) -> Tens
     return _auroc_binary(pos, s, w).nanmean(-1)                            # macro over C
 
 
-def r2(y: Labels, pred: Pred, weight: Weight | None = None) -> Tensor:
+def r2(y: _Labels, pred: _Pred, weight: _Weight | None = None) -> Tensor:
     """Coefficient of determination, ``1 - SS_res / SS_tot`` (``r2_score``)."""
     y64, p = y.to(torch.float64), pred.to(torch.float64)
     w = _w(p, weight)
@@ -129,14 +133,14 @@ def r2(y: Labels, pred: Pred, weight: Weight | None = None) -> Tensor:
     return 1 - ss_res / ss_tot
 
 
-def mse(y: Labels, pred: Pred, weight: Weight | None = None) -> Tensor:
+def mse(y: _Labels, pred: _Pred, weight: _Weight | None = None) -> Tensor:
     """Weighted mean squared error."""
     p = pred.to(torch.float64)
     w = _w(p, weight)
     return (w * (y.to(torch.float64) - p) ** 2).sum(-1) / w.sum(-1)
 
 
-def ece(y: Labels, proba: Proba, n_bins: int = 10, weight: Weight | None = None) -> Tensor:
+def ece(y: _Labels, proba: _Proba, n_bins: int = 10, weight: _Weight | None = None) -> Tensor:
     """Top-label expected calibration error with ``n_bins`` equal-width bins (Guo et al. 2017)."""
     if n_bins < 1:
         raise ConfigError(f"n_bins={n_bins}; need a positive number of bins (10 is usual)")
@@ -157,7 +161,8 @@ REGRESSION_METRICS = ("r2", "mse")
 
 def score(task: str, y: Tensor, out: Tensor, n_classes: int | None = None,
           weight: Tensor | None = None) -> dict[str, Tensor]:
-    """Every metric of ``task`` at once.
+    """Every metric of ``task`` at once: the names of :data:`CLASSIFICATION_METRICS` or
+    :data:`REGRESSION_METRICS`.
 
     ``out`` is probabilities ``[..., n, C]`` for classification, predictions ``[..., n]``
     for regression; each value has the leading shape of ``out`` (and of ``weight``).

@@ -5,7 +5,7 @@
 1. **One pass.** Each site is read once from the capture or store; the labelled rows are
    gathered at every requested position (int offsets from the labelled token, or selector
    names for trace labels), keeping only rows whose features exist at *all* positions so
-   the whole grid compares the same examples (:func:`thinklens.probes.data.build`).
+   the whole grid compares the same examples (:func:`thinklens.probes.data.probe_data_at`).
 2. **Split by trace** (:func:`~thinklens.probes.data.group_split`) and standardise each
    (position, site) on its training rows.
 3. **Fit every (position, site) probe in one batched fit**, together with its *control*.
@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from thinklens.errors import ConfigError
 
 from . import metrics as _metrics
-from .data import ProbeData, build, group_split
-from .linear import _as_output, fit_params, row_weights, standardize
+from ._fit import fit_params, probe_output, row_weights, standardize
+from .data import ProbeData, group_split, probe_data_at
 
 
 @dataclass
@@ -52,17 +53,21 @@ class SweepResult:
         res.ci["accuracy"][1, 3]       # tensor([0.96, 0.99]): offset 0, last layer
         res.selectivity[1]             # accuracy - control accuracy, per site
         print(res.table(position=0))   # site x metric, markdown
+
+    ``metrics``, ``train`` and ``control`` map a metric name to its test value, train value
+    and control probe's test value; ``ci`` maps a metric (and ``"selectivity"``,
+    ``"control"``) to its 95 % bootstrap interval ``[low, high]`` in the last axis.
     """
 
     sites: list[str]
     positions: list[int | str]
     task: str
     classes: list[Any] | None
-    metrics: dict[str, Tensor]         # test metric -> [position, site]
-    train: dict[str, Tensor]           # train metric -> [position, site]
-    control: dict[str, Tensor]         # control probe's test metric -> [position, site]
-    ci: dict[str, Tensor]              # metric (and "selectivity") -> [position, site, 2]
-    selectivity: Tensor                # [position, site]
+    metrics: dict[str, Float[Tensor, "position site"]]  # noqa: F722
+    train: dict[str, Float[Tensor, "position site"]]  # noqa: F722
+    control: dict[str, Float[Tensor, "position site"]]  # noqa: F722
+    ci: dict[str, Float[Tensor, "position site 2"]]  # noqa: F722
+    selectivity: Float[Tensor, "position site"]  # noqa: F722
     n_train: int
     n_test: int
     n_test_traces: int
@@ -170,9 +175,10 @@ def sweep(acts, sites: str | Sequence[str] = "blocks.*.hook_resid_post", labels:
         if any(not (torch.equal(d.y, datas[0].y) and torch.equal(d.groups, datas[0].groups))
                for d in datas):
             raise ConfigError("the ProbeData given as positions must hold the same rows "
-                              "(equal y and groups); build them with probes.data.build")
+                              "(equal y and groups); build them with probes.probe_data_at")
     else:
-        datas = build(acts, sites, labels, level=level, positions=positions, task=task)
+        datas = probe_data_at(acts, sites, labels, level=level, positions=positions,
+                              task=task)
         pos_names = list(positions)
     d0 = datas[0]
     train, test = group_split(d0, test_frac, seed)
@@ -191,8 +197,8 @@ def sweep(acts, sites: str | Sequence[str] = "blocks.*.hook_resid_post", labels:
     params = fit_params(kind, Xtr, torch.stack(Y), d0.task, d0.n_classes,
                         weight.to(dev, dtype), l2=l2, max_iter=max_iter, tol=tol,
                         hidden=hidden, seed=seed)
-    out_te = _as_output(params.output(Xte), d0.task)                  # [P*S, R, n_test, ...]
-    out_tr = _as_output(params.output(Xtr), d0.task)[:, 0]
+    out_te = probe_output(params.output(Xte), d0.task)                  # [P*S, R, n_test, ...]
+    out_tr = probe_output(params.output(Xtr), d0.task)[:, 0]
     point = _metrics.score(d0.task, y_te, out_te, d0.n_classes)         # [P*S, R]
     train_scores = _metrics.score(d0.task, y_tr, out_tr, d0.n_classes)
     w = _metrics.bootstrap_weights(d0.groups[test], n_boot, seed).to(dev)

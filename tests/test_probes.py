@@ -15,10 +15,10 @@ from thinklens.errors import ConfigError
 from thinklens.probes import metrics as M
 from thinklens.probes.data import (
     ProbeData,
-    build,
     class_balance,
     group_split,
     probe_data,
+    probe_data_at,
     split_traces,
 )
 from thinklens.probes.linear import fit_probe
@@ -291,7 +291,7 @@ def test_sweep_grid_over_positions_and_selectors(organism, organism_run):
     traces = cap.traces[::5]  # per-trace label (depth), read at the end of prompt / thinking
     small = organism.capture(traces, sites=SITES, positions="all", progress=False)
     depth = [len(t.sentences) // 2 + 1 for t in traces]
-    datas = build(small, SITES, depth, level="trace", positions=["prompt", "thinking"])
+    datas = probe_data_at(small, SITES, depth, level="trace", positions=["prompt", "thinking"])
     assert [d.X.shape[:2] for d in datas] == [(4, len(traces))] * 2
     assert all(int(p) == t.prompt_span.end - 1 for t, p in zip(traces, datas[0].positions))
     assert all(int(p) == t.think_span.end - 1 for t, p in zip(traces, datas[1].positions))
