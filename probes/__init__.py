@@ -15,7 +15,14 @@ from thinklens.probes.correctness import (
     correctness_probe,
     early_exit_curve,
 )
-from thinklens.probes.data import ProbeData, class_balance, group_split, probe_data
+from thinklens.probes.data import (
+    ProbeData,
+    class_balance,
+    group_split,
+    probe_data,
+    probe_data_at,
+    split_traces,
+)
 from thinklens.probes.lens import (
     AnswerProbeResult,
     LensResult,
@@ -33,7 +40,8 @@ from thinklens.probes.steering import (
 )
 from thinklens.probes.sweep import SweepResult, sweep
 
-__all__ = ["ProbeData", "probe_data", "group_split", "class_balance", "fit_probe", "ProbeResult",
+__all__ = ["ProbeData", "probe_data", "probe_data_at", "split_traces", "group_split",
+           "class_balance", "fit_probe", "ProbeResult",
            "sweep", "SweepResult", "metrics", "logit_lens", "lens_logits", "LensResult",
            "answer_probe", "AnswerProbeResult", "correctness_probe", "CorrectnessResult",
            "early_exit_curve", "EarlyExitCurve", "chunk_thinking", "steering_vector",
