@@ -3,8 +3,8 @@
 steering vectors.
 
 Figures of these results are in :mod:`thinklens.plots`. Whole studies run from a TOML file
-with ``thinklens probe STUDY.toml`` (:mod:`thinklens.probes.job`, config keys in
-:mod:`thinklens.probes.jobconfig`, named labels in :mod:`thinklens.probes.labels`).
+with ``thinklens probe STUDY.toml`` (:mod:`thinklens.jobs.study`, config keys in
+:mod:`thinklens.jobs.config`, named labels in :mod:`thinklens.jobs.labels`).
 """
 
 from thinklens.probes import metrics

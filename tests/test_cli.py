@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +16,8 @@ from thinklens.cli import main
 from thinklens.hooks.store import Store
 
 
-def _cli(*args, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _cli(*args, env=None, **kw):
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "thinklens.cli", *args], capture_output=True,
                           text=True, env=env, **kw)
 
@@ -41,14 +41,22 @@ def test_errors_are_one_line_with_fix(tmp_path, capsys):
 
 
 def test_demo_writes_store_and_traces(tmp_path):
+    from thinklens.jobs.commands import DEMO_PROMPTS
+
     out = _cli("demo", "--out", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "output:" in out.stdout
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["traces"] == 6 and summary["resid_shape"][1] == 4
     store = Store.open(tmp_path / "demo" / "store")
-    assert len(store) == 6 and "sentence_attention" in store.keys
-    assert len(list((tmp_path / "demo" / "traces").glob("*.json"))) == 6
+    assert [t.prompt for t in store.traces] == DEMO_PROMPTS
+    longest = max(len(t.tokens) for t in store.traces)
+    # 6 traces x 4 layers (the organism's) x the longest trace x d_model 128
+    assert summary["resid_shape"] == [6, 4, longest, 128]
+    most = max(len(t.sentences) for t in store.traces)  # 4 layers x 4 heads, sentence x sentence
+    assert summary["sentence_attention_shape"] == [6, 4, 4, most, most]
+    assert "sentence_attention" in store.keys
+    assert sorted(p.name for p in (tmp_path / "demo" / "traces").glob("*.json")) == \
+        [f"demo-{i}.json" for i in range(6)]
 
 
 def _prompts(path: Path, n: int) -> Path:
@@ -59,39 +67,49 @@ def _prompts(path: Path, n: int) -> Path:
     return path
 
 
-def test_capture_resumes_after_kill(tmp_path):
-    prompts = _prompts(tmp_path / "p.jsonl", 12)
-    args = ["capture", "--prompts", str(prompts), "--sites", "blocks.1.hook_resid_post",
-            "--max-new-tokens", "60", "--chunk", "3"]
-    ref = _cli(*args, "--out", str(tmp_path / "ref"))
+CAPTURE = ["capture", "--sites", "blocks.1.hook_resid_post", "--max-new-tokens", "60",
+           "--chunk", "3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("capture")
+    prompts = _prompts(tmp / "p.jsonl", 12)
+    ref = _cli(*CAPTURE, "--prompts", str(prompts), "--out", str(tmp / "ref"))
     assert ref.returncode == 0, ref.stderr[-2000:]
+    return prompts, Store.open(tmp / "ref")
+
+
+@pytest.mark.parametrize("step, stored, journaled", [
+    ("capture-chunk:2", 6, 6),   # killed right after the 2nd round's store append
+    ("journaled:3", 6, 9),       # killed after journaling round 3, before storing it
+])
+def test_capture_resumes_after_kill(uninterrupted, tmp_path, step, stored, journaled):
+    """SIGKILL at a named step of the journal (the test hook THINKLENS_TEST_KILL_AT), then
+    a rerun: the store ends equal, bit for bit, to an uninterrupted run's."""
+    from thinklens.jobs.journal import KILL_AT, PENDING
+
+    prompts, ref = uninterrupted
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "thinklens.cli", *args, "--out", str(out)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "manifest.json").exists() and len(Store.open(out, verify="none")) >= 3:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    before = len(Store.open(out))
-    assert 3 <= before < 12, "the kill should land mid-run"
-    again = _cli(*args, "--out", str(out))
+    args = [*CAPTURE, "--prompts", str(prompts), "--out", str(out)]
+    killed = _cli(*args, env={**os.environ, "OMP_NUM_THREADS": "1", KILL_AT: step})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(Store.open(out)) == stored
+    assert len((out / PENDING).read_text().splitlines()) == journaled
+    again = _cli(*args)
     assert again.returncode == 0, again.stderr[-2000:]
-    a, b = Store.open(tmp_path / "ref"), Store.open(out)
-    assert a.trace_ids == b.trace_ids
-    torch.testing.assert_close(a["blocks.1.hook_resid_post"].values,
-                               b["blocks.1.hook_resid_post"].values, atol=0, rtol=0)
-    assert not (out / "pending-traces.jsonl").exists()
+    got = Store.open(out)
+    assert got.trace_ids == ref.trace_ids == [f"p{i}" for i in range(12)]
+    torch.testing.assert_close(ref["blocks.1.hook_resid_post"].values,
+                               got["blocks.1.hook_resid_post"].values, atol=0, rtol=0)
+    assert not (out / PENDING).exists()
 
 
 def test_capture_resumes_after_a_torn_journal_line(tmp_path):
     """A kill mid-write leaves half a line in pending-traces.jsonl; the rerun drops it
     (and regenerates that trace) instead of appending after it."""
     import thinklens
-    from thinklens._commands import PENDING, run_capture
+    from thinklens.jobs.journal import PENDING, run_capture
 
     model = thinklens.load("organism")
     recs = [(f"p{i}", p) for i, p in enumerate(["a = 7 ; ? a", "b = 2 ; c = b + 1 ; ? c",

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,10 @@ import torch
 from thinklens.errors import ConfigError, StoreError
 from thinklens.hooks.merge import merge_stores
 from thinklens.hooks.store import Store
+from thinklens.jobs.config import load_config, parse
+from thinklens.jobs.journal import KILL_AT
+from thinklens.jobs.study import run_study
 from thinklens.probes import SweepResult
-from thinklens.probes.job import run_study
-from thinklens.probes.jobconfig import load_config, parse
 
 STUDY = """
 out = "{out}"
@@ -27,6 +27,7 @@ out = "{out}"
 organism = {{n = 32, depths = [2, 3, 4], seed = 5}}
 [generate]
 max_new_tokens = 72
+{generate}
 [capture]
 sites = ["blocks.*.hook_resid_post"]
 positions = "thinking"
@@ -43,15 +44,15 @@ n_boot = 20
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _study(tmp: Path, out: str, chunk: int = 8) -> Path:
+def _study(tmp: Path, out: str, chunk: int = 8, generate: str = "") -> Path:
     file = tmp / f"{out}.toml"
-    file.write_text(STUDY.format(out=out, chunk=chunk))
+    file.write_text(STUDY.format(out=out, chunk=chunk, generate=generate))
     return file
 
 
-def _cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "thinklens", *args], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+def _probe_cli(cfg: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "thinklens", "probe", str(cfg), "--no-progress"],
+                          env=env or ENV, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +69,35 @@ def _stored(folder: Path) -> tuple[list[str], list[torch.Tensor]]:
 
 
 def test_results_on_the_organism(reference):
+    """The value probe's reported accuracy is scikit-learn's on the same rows and split, and
+    the summary says the reported cell was chosen on the test split."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from thinklens.hooks.task import task_named
+    from thinklens.jobs.labels import resolve
+    from thinklens.probes import group_split, probe_data
+
     out, summary = reference
     value = summary["probes"]["value"]
     # the value being computed is linearly decodable at its thinking position
     assert value["accuracy"] >= 0.95 and value["control"] < 0.5
-    assert value["selectivity"] == pytest.approx(value["accuracy"] - value["control"])
     assert summary["traces"] == 32 and summary["world_size"] == 1
+    assert value["selected_on"] == "test" and value["n_cells"] == 4  # 4 layers x 1 position
     record = json.loads((out / "results" / "value.json").read_text())
     res = SweepResult.from_dict(record["result"])
-    assert float(res.grid().max()) == pytest.approx(value["accuracy"])
     assert res.sites == [f"blocks.{i}.hook_resid_post" for i in range(4)]
+    assert float(res.grid().max()) == pytest.approx(value["accuracy"])  # the best cell
+    store = Store.open(out / "store")
+    lab = resolve("organism.value", store.traces, task=task_named("organism"))
+    data = probe_data(store, value["best_site"], lab.labels, level=lab.level)
+    train, test = group_split(data, test_frac=0.25, seed=0)
+    assert (len(train), len(test)) == (value["n_train"], value["n_test"])
+    X, y = data.X[0].numpy(), data.y.numpy()
+    sc = StandardScaler().fit(X[train])
+    ref = LogisticRegression(C=1.0, tol=1e-8, max_iter=5000).fit(sc.transform(X[train]), y[train])
+    acc = float((ref.predict(sc.transform(X[test])) == y[test]).mean())
+    assert value["accuracy"] == pytest.approx(acc, abs=1.5 / len(test))  # at most one row apart
     for f in value["figures"] + summary["probes"]["tag"]["figures"]:
         assert (out / f).stat().st_size > 1000
     assert (out / "figures" / "plotly.min.js").exists()  # figures open offline
@@ -102,34 +122,33 @@ def test_rerun_skips_finished_work_and_redoes_changed_probes(reference, tmp_path
 
 
 def test_a_killed_run_resumes_without_redoing_finished_rounds(reference, tmp_path):
+    """SIGKILL right after the 3rd capture round (the journal's test hook), then a rerun
+    with another generation batch size: it resumes (batch size does not change greedy
+    traces, so it does not block a resume), keeps the 3 stored rounds, and ends with the
+    uninterrupted run's activations."""
     ref_out, ref_summary = reference
     cfg = _study(tmp_path, "killed", chunk=4)
     manifest = tmp_path / "killed" / "store" / "manifest.json"
-    proc = _cli("probe", str(cfg), "--no-progress")
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
-            break
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed = _probe_cli(cfg, env={**ENV, KILL_AT: "capture-chunk:3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
     before = json.loads(manifest.read_text())
-    assert 0 < len(before["traces"]) < 32, "killed too late to test resumption"
-    done = run = subprocess.run([sys.executable, "-m", "thinklens", "probe", str(cfg),
-                                 "--no-progress"], env=ENV, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert f"traces: {len(before['traces'])} of 32 already captured" in done.stdout
+    assert len(before["traces"]) == 12 and len(before["shards"]) == 3
+    cfg.write_text(cfg.read_text().replace("max_new_tokens = 72\n", "max_new_tokens = 72\n"
+                                           "batch_size = 3\n"))
+    done = _probe_cli(cfg)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "traces: 12 of 32 already captured" in done.stdout
+    assert "best of 4 cells, chosen on the test split" in done.stdout
     after = json.loads(manifest.read_text())
-    assert after["shards"][:len(before["shards"])] == before["shards"]  # kept, not redone
+    assert after["shards"][:3] == before["shards"]  # kept, not redone
     ids, acts = _stored(tmp_path / "killed")
     ref_ids, ref_acts = _stored(ref_out)
-    assert sorted(ids) == sorted(ref_ids)
-    by_id = dict(zip(ref_ids, ref_acts))
-    for tid, a in zip(ids, acts):
-        torch.testing.assert_close(a, by_id[tid], atol=1e-5, rtol=1e-4)
+    assert ids == ref_ids
+    for a, b in zip(acts, ref_acts):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     summary = json.loads((tmp_path / "killed" / "results.json").read_text())
-    assert summary["probes"]["value"]["accuracy"] >= 0.95
+    assert summary["probes"]["value"]["accuracy"] == pytest.approx(
+        ref_summary["probes"]["value"]["accuracy"], abs=1e-6)
 
 
 def test_torchrun_two_processes_give_the_single_process_result(reference, tmp_path):
@@ -173,7 +192,10 @@ def test_merge_stores_is_exact_ordered_and_resumable(reference, tmp_path):
     ('out = "x"\n[capture]\nsitse = []\n[[probe]]\nname = "a"\nlabels = "tag"',
      r"\[capture\]: unknown key 'sitse'\. Did you mean 'sites'.*Allowed keys: sites,"),
     ('out = "x"\n[prompts]\norganism = {n = 3}\n[[probe]]\nname = "a"\nlabels = "organism.valeu"',
-     r"key 'labels' is 'organism.valeu'\. Did you mean 'organism.value'"),
+     r"key 'labels': unknown labels 'organism.valeu'\. Did you mean 'organism.value'.*Valid: "
+     r"organism.value, organism.answer, organism.variable, answer, tag, field:KEY"),
+    ('out = "x"\n[model]\nspec = "some/hub-model"\n[[probe]]\nname = "a"\nlabels = "valu"',
+     r"unknown labels 'valu'.*Valid: answer, tag, field:KEY"),
     ('out = "x"\n[prompts]\norganism = {n = 3}', r"no \[\[probe\]\] table"),
     ('out = "x"\n[prompts]\nfile = "p.jsonl"\norganism = {n = 3}\n[[probe]]\nname = "a"\n'
      'labels = "tag"', "exactly one of 'file'"),
@@ -209,26 +231,39 @@ def test_cli_reports_config_errors_and_a_missing_file(tmp_path):
     assert "torchrun" in helptext and "organism.value" in helptext
 
 
-def test_a_prompts_file_with_field_labels(tmp_path):
-    """Prompts from JSONL (any extra keys), trace-level labels read from one of them."""
+def test_a_prompts_file_with_field_labels(tmp_path, monkeypatch):
+    """Prompts from JSONL (any extra keys), trace-level labels read from one of them;
+    [generate] batch_size reaches generation."""
+    from thinklens.hooks.wrapper import Model
     from thinklens.zoo.evaluate import heldout_problems
+
+    batch_sizes = []
+    think_batch = Model.think_batch
+
+    def recorded(self, prompts, **kw):
+        batch_sizes.append(kw.get("batch_size"))
+        return think_batch(self, prompts, **kw)
+
+    monkeypatch.setattr(Model, "think_batch", recorded)
 
     rows = [{"prompt": p.prompt, "id": f"q{d}-{k}", "depth": d}
             for d in (1, 3) for k, p in enumerate(heldout_problems(d, 8, seed=9))]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "s.toml").write_text(
         'out = "out"\n[prompts]\nfile = "prompts.jsonl"\n[generate]\nmax_new_tokens = 72\n'
+        'batch_size = 5\n'
         '[[probe]]\nname = "depth"\nlabels = "field:depth"\nn_boot = 20\n'
         '[[probe]]\nname = "answer"\nlabels = "answer"\nn_boot = 20\ncontrol = false\n'
         '[[probe]]\nname = "missing"\nlabels = "field:nope"\n')
     with pytest.raises(ConfigError, match=r"field:nope.*no key 'nope'.*keys present: "
                                           r"\['depth', 'id', 'prompt'\]"):
         run_study(tmp_path / "s.toml", progress=False)
-    assert not (tmp_path / "out" / "store").exists()  # refused before generating anything
+    assert not (tmp_path / "out" / "store").exists() and batch_sizes == []  # refused first
     cfg = load_config(tmp_path / "s.toml")
     cfg["probe"] = cfg["probe"][:2]
     summary = run_study(cfg, progress=False)
     assert Store.open(tmp_path / "out" / "store").trace_ids == [r["id"] for r in rows]
+    assert batch_sizes == [5]  # 16 prompts: one round (chunk 32), generated 5 at a time
     depth = json.loads((tmp_path / "out" / "results" / "depth.json").read_text())
     assert depth["level"] == "trace"
     assert depth["summary"]["n_train"] + depth["summary"]["n_test"] == 16  # one row per trace

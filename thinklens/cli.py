@@ -1,25 +1,29 @@
-"""The ``thinklens`` command line. Run ``thinklens --help`` or ``thinklens CMD --help``."""
+"""The ``thinklens`` command line: argument definitions, then one job call per command.
+
+Run ``thinklens --help`` or ``thinklens CMD --help``. Each command calls one function of
+:mod:`thinklens.jobs` (demo, capture, sites, probe), :mod:`thinklens.report` or
+:mod:`thinklens.zoo` (organism train/ship/eval) and prints what it returns; the work and
+its progress bars live there, and nothing imports this module.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from thinklens.errors import ThinklensError
+from thinklens.hooks.model import load
+from thinklens.jobs import commands
+from thinklens.jobs.study import run_study
+from thinklens.report import report as run_report
+from thinklens.zoo.evaluate import as_json, evaluate, table
+from thinklens.zoo.organism import HERE
+from thinklens.zoo.train import TrainConfig, ship, train
 
-DEMO_PROMPTS = [
-    "c = b + 4 ; a = 7 ; b = a - 2 ; ? c",
-    "e = 5 ; d = e + 3 ; g = 1 ; ? d",
-    "h = f - 1 ; f = k + 6 ; k = 2 ; j = 9 ; ? h",
-    "b = 4 ; ? b",
-    "l = i + 2 ; c = 8 ; i = g - 3 ; g = c + 5 ; a = 3 ; ? l",
-    "d = a - 3 ; a = 6 ; f = 0 ; ? d",
-]
-
-
-PROBE_EXAMPLE = """example STUDY.toml (every key: python -c 'import thinklens.probes.jobconfig as c; help(c)'):
+PROBE_EXAMPLE = """example STUDY.toml (every key: python -c 'import thinklens.jobs.config as c; help(c)'):
 
   out = "runs/value-study"              # relative to the TOML file
   [model]
@@ -36,7 +40,14 @@ PROBE_EXAMPLE = """example STUDY.toml (every key: python -c 'import thinklens.pr
   labels = "organism.value"             # organism.answer | organism.variable | answer | tag | field:KEY
   [output]
   figures = ["html", "svg"]
+
+The summary reports each probe's best (position, site) cell, chosen on the test split
+(results.json: "selected_on": "test"); the whole grid is in results/NAME.json.
 """
+
+
+def _say(*parts: object) -> None:
+    print(*parts, flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -156,31 +167,100 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _demo(args) -> int:
+    res = commands.demo(args.model, args.out, log=_say)
+    for tr in res.store.traces:
+        _say(f"  {tr.prompt!r}\n    thinking: {tr.thinking_text}\n    answer: {tr.answer_text}"
+             f"   ({len(tr.sentences)} sentences, tags {sorted(set(tr.tags))})")
+    s = res.summary
+    _say(f"residual streams {tuple(s['resid_shape'])} {tuple(s['resid_axes'])}; sentence "
+         f"attention {tuple(s['sentence_attention_shape'])} {tuple(s['sentence_attention_axes'])}")
+    _say(f"output: {res.out.resolve()}/ (store/, traces/*.json, summary.json) in "
+         f"{s['seconds']} s")
+    return 0
+
+
+def _capture(args) -> int:
+    res = commands.capture(args.prompts, args.out, model=args.model, device=args.device,
+                           sites=args.sites, positions=args.positions,
+                           attention=None if args.attention == "none" else args.attention,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
+                           budget=args.budget, chunk=args.chunk)
+    _say(f"stored {len(res.store)} traces × {len(res.store.keys)} keys in {args.out} "
+         f"({res.seconds:.1f} s)")
+    return 0
+
+
+def _sites(args) -> int:
+    for name in commands.site_names(args.model, args.match):
+        _say(name)
+    return 0
+
+
+def _probe(args) -> int:
+    run_study(args.config, progress=not args.no_progress, log=_say)
+    return 0
+
+
+def _report(args) -> int:
+    t0 = time.time()
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    path = run_report(args.model, args.out, n_problems=args.n_problems, formats=formats,
+                      max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    size = path.stat().st_size / 1e6
+    figs = f", figures in {path.parent / 'figures'}" if formats else ""
+    _say(f"report: {path.resolve()} ({size:.1f} MB{figs}) in {time.time() - t0:.0f} s")
+    return 0
+
+
+def _organism_train(args) -> int:
+    kw = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size,
+                            "ckpt_every": args.ckpt_every}.items() if v is not None}
+    t0 = time.time()
+    final = train(TrainConfig(seed=args.seed, **kw), args.out)
+    _say(f"final weights: {final} ({time.time() - t0:.0f} s this run); "
+         f"log: {Path(args.out) / 'log.jsonl'}")
+    return 0
+
+
+def _organism_ship(args) -> int:
+    steps = [int(s) for s in args.checkpoints.split(",") if s.strip()]
+    ship(Path(args.run), HERE, steps, final=args.final)
+    _say(f"shipped final weights and checkpoints {steps} to {HERE}")
+    return 0
+
+
+def _organism_eval(args) -> int:
+    model = load(args.model, checkpoint=args.checkpoint) if args.model == "organism" else \
+        load(args.model)
+    t0 = time.time()
+    res = evaluate(model, depths=[int(d) for d in args.depths.split(",")], n=args.n)
+    if args.json:
+        _say(json.dumps(as_json(res), indent=1))
+    else:
+        _say(table(res))
+        _say(f"({model.name}, {args.n} held-out problems per depth, {time.time() - t0:.0f} s)")
+    return 0
+
+
+COMMANDS = {"demo": _demo, "capture": _capture, "sites": _sites, "probe": _probe,
+            "report": _report, "organism train": _organism_train,
+            "organism ship": _organism_ship, "organism eval": _organism_eval}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.cmd is None or (args.cmd == "organism" and args.ocmd is None):
         parser.print_help() if args.cmd is None else parser.parse_args([args.cmd, "--help"])
         return 2
+    name = args.cmd + (f" {args.ocmd}" if args.cmd == "organism" else "")
     try:
-        from thinklens import _commands
-        return getattr(_commands, args.cmd + ("_" + args.ocmd if args.cmd == "organism" else ""))(args)
+        return COMMANDS[name](args)
     except ThinklensError as err:
         print(f"thinklens: error: {err}", file=sys.stderr)
         return 1
-
-
-def _json_lines(path: str | Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if n == len(Path(path).read_text().splitlines()):
-                    break  # a torn last line from a killed writer
-                raise
-    return rows
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,7 @@ Every section and key, with its default (``REQUIRED`` keys have none)::
     max_new_tokens = 256
     temperature = 0.0                   # 0: greedy
     seed = 0
-    batch_size = 64
+    batch_size = 64                     # prompts per generation batch (see below)
 
     [capture]
     sites = ["blocks.*.hook_resid_post"]
@@ -29,7 +29,7 @@ Every section and key, with its default (``REQUIRED`` keys have none)::
 
     [[probe]]                           # one table per probe (at least one)
     name = "value"                      # REQUIRED: names its results and figures
-    labels = "organism.value"           # REQUIRED: see thinklens.probes.labels
+    labels = "organism.value"           # REQUIRED: see thinklens.jobs.labels
     sites = "blocks.*.hook_resid_post"  # default: every captured site
     positions = [0]                     # int offsets from the labelled token (or selectors)
     kind = "logistic"                   # logistic | ridge | mlp
@@ -44,7 +44,17 @@ Every section and key, with its default (``REQUIRED`` keys have none)::
     figures = ["html"]                  # html | svg | pdf | png (pdf/svg/png need Chromium)
 
 Unknown sections or keys, wrong types and values outside the allowed set are refused
-before anything runs, with the key, the bad value and the valid choices.
+before anything runs, with the key, the bad value and the valid choices. A label name is
+checked against the model's task when ``[model] spec`` names a registered one (``"organism"``);
+for other models a ``TASK.KEY`` name is checked after the model is loaded, still before any
+generation.
+
+Resuming into an existing ``out`` folder requires the same ``[model]``, ``[prompts]``,
+``[generate]`` and ``[capture]`` settings, except those in :data:`SCHEDULE_KEYS`, which
+only change how the work is batched: ``generate.batch_size`` (with greedy decoding, which
+prompts share a ``generate`` call does not change their traces; prompts of equal length
+are batched without padding) — with ``temperature > 0`` it changes which random draws a
+trace gets, so there it must stay the same.
 """
 
 from __future__ import annotations
@@ -54,14 +64,16 @@ from pathlib import Path
 from typing import Any
 
 from thinklens.errors import ConfigError, did_you_mean
+from thinklens.hooks.task import task_named
 from thinklens.hooks.trace import POSITION_SELECTORS
+
+from . import labels as _labels
 
 REQUIRED = object()
 KINDS = ("logistic", "ridge", "mlp")
 DTYPES = ("float32", "float16", "bfloat16")
 FIGURES = ("html", "svg", "pdf", "png")
-LABEL_HELP = "see thinklens.probes.labels: organism.value, organism.answer, " \
-             "organism.variable, answer, tag, field:NAME"
+SCHEDULE_KEYS = ("generate.batch_size",)  # greedy only: see the module docstring
 
 # section -> key -> (types, default, allowed values or None)
 SCHEMA: dict[str, dict[str, tuple]] = {
@@ -121,6 +133,14 @@ def _table(where: str, given: Any, schema: dict[str, tuple]) -> dict[str, Any]:
     return out
 
 
+def _registered_task(spec: str):
+    """The task registered under the model spec's name (``"organism"``), else ``None``."""
+    try:
+        return task_named(spec)
+    except ConfigError:
+        return None
+
+
 def parse(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Validate a parsed TOML document; paths are made absolute against ``base``."""
     sections = [s for s in SCHEMA if s]
@@ -146,13 +166,13 @@ def parse(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     if dup:
         raise ConfigError(f"[[probe]] name {dup[0]!r} is repeated or not a plain name; give each "
                           "probe a unique name of letters, digits, '-' and '_'")
-    from .labels import NAMES
+    task = _registered_task(cfg["model"]["spec"])
     for i, q in enumerate(cfg["probe"]):
-        lab = q["labels"]
-        if lab not in NAMES[:-1] and not (lab.startswith("field:") and len(lab) > 6):
-            raise ConfigError(f"[[probe]] number {i + 1} ({q['name']!r}): key 'labels' is "
-                              f"{lab!r}.{did_you_mean(lab, NAMES)} Allowed values: "
-                              f"{', '.join(NAMES)}")
+        try:
+            _labels.check(q["labels"], task, task_known=task is not None)
+        except ConfigError as e:
+            raise ConfigError(f"[[probe]] number {i + 1} ({q['name']!r}), key 'labels': {e}"
+                              ) from None
     p = cfg["prompts"]
     if (p["file"] is None) == (p["organism"] is None):
         raise ConfigError("[prompts]: give exactly one of 'file' (a JSONL of prompts) or "

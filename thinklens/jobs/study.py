@@ -1,11 +1,11 @@
-"""Batch probing studies: ``thinklens probe STUDY.toml`` (config: :mod:`.jobconfig`).
+"""Batch probing studies: ``thinklens probe STUDY.toml`` (config: :mod:`thinklens.jobs.config`).
 
 A study runs four stages, each resumable (a rerun after a kill redoes nothing finished):
 
-1. **Traces and capture.** Prompts (a JSONL file, or held-out organism problems) are
-   thought on and captured into ``OUT/store`` in resumable rounds
-   (:func:`thinklens._commands.run_capture`: generated traces are journaled before
-   capture; each round is one atomic store append).
+1. **Traces and capture.** Prompts (a JSONL file, or held-out problems of the organism's
+   task, ``task_named("organism").problems``) are thought on and captured into
+   ``OUT/store`` in resumable rounds (:func:`thinklens.jobs.journal.run_capture`:
+   generated traces are journaled before capture; each round is one atomic store append).
 2. **Sharding.** Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1; gloo process
    group, so it works on CPU) rank ``r`` takes every N-th prompt not yet stored and
    captures into ``OUT/shards/rank<r>``; after a barrier rank 0 merges the shards into
@@ -17,11 +17,17 @@ A study runs four stages, each resumable (a rerun after a kill redoes nothing fi
    an unchanged probe is skipped on a rerun, a changed one recomputed.
 4. **Figures and summary.** ``OUT/figures/NAME-by-layer.html`` (and ``-grid`` for several
    positions; SVG/PDF/PNG through :func:`thinklens.figures.export` if asked) and
-   ``OUT/results.json`` with the best site of each probe, its control and selectivity.
+   ``OUT/results.json`` with the best (position, site) cell of each probe, its control and
+   selectivity. The best cell is the one with the highest *test* score among all cells
+   (``"selected_on": "test"``, ``"n_cells"``): the maximum over N cells of a noisy score is
+   optimistic, so read it as "the best of N, chosen on the test split", not as an unbiased
+   estimate; the whole grid is in ``OUT/results/NAME.json``.
 
 Every file is written to a temporary name and renamed into place. The capture settings
 are recorded in ``OUT/study.json``; rerunning into the same folder with different ones
-is refused (their stored activations would not match), naming the changed keys.
+is refused (their stored activations would not match), naming the changed keys, except
+batching settings that do not change the traces (:data:`thinklens.jobs.config.SCHEDULE_KEYS`).
+Progress goes to tqdm bars and to ``log`` (a callable taking one line), never to stdout.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,29 +45,25 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from thinklens.errors import ConfigError
+from thinklens.figures import export
+from thinklens.hooks._fileio import atomic_path, atomic_write_json
+from thinklens.hooks.merge import merge_stores
+from thinklens.hooks.model import load
+from thinklens.hooks.store import Store
+from thinklens.hooks.task import task_named
+from thinklens.plots import plot_probe_by_layer, plot_probe_grid
+from thinklens.probes import sweep
 
-from .jobconfig import load_config
+from . import labels as _labels
+from .config import SCHEDULE_KEYS, load_config
+from .journal import read_prompts, run_capture
 
 STAGE_KEYS = ("model", "prompts", "generate", "capture")
-
-
-def _say(rank: int, world: int, msg: str) -> None:
-    print(f"[rank {rank}/{world}] {msg}" if world > 1 else msg, flush=True)  # noqa: T201
+Log = Callable[[str], None]
 
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from thinklens.hooks._fileio import replace_durably
-
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    replace_durably(tmp, path)
 
 
 def _distributed() -> tuple[int, int]:
@@ -85,39 +88,33 @@ def records(cfg: dict[str, Any]) -> list[tuple[str, str, dict]]:
     """(id, prompt, row) for every prompt of the study, in order."""
     p = cfg["prompts"]
     if p["file"] is not None:
-        from thinklens._commands import _prompt_records
-        from thinklens.cli import _json_lines
-
-        ids = _prompt_records(p["file"])
-        rows = _json_lines(p["file"])
-        return [(pid, prompt, row) for (pid, prompt), row in zip(ids, rows)]
-    from thinklens.zoo.evaluate import heldout_problems
-
+        return read_prompts(p["file"])
     o = p["organism"]
-    depths, n = list(o["depths"]), int(o["n"])
-    per = {d: heldout_problems(d, -(-n // len(depths)), seed=o["seed"]) for d in depths}
-    out = []
-    for k in range(n):
-        d = depths[k % len(depths)]
-        prob = per[d][k // len(depths)]
-        out.append((f"organism-{o['seed']}-{d}-{k // len(depths)}", prob.prompt,
-                    {"prompt": prob.prompt, "answer": prob.answer, "depth": d}))
-    return out
+    rows = task_named("organism").problems(int(o["n"]), depths=list(o["depths"]), seed=o["seed"])
+    return [(row["id"], row["prompt"], dict(row)) for row in rows]
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    """``section.key`` of every capture setting that differs (batching-only keys aside)."""
+    greedy = not new["generate"].get("temperature")
+    skip = set(SCHEDULE_KEYS) if greedy and not old.get("generate", {}).get("temperature") \
+        else set()
+    return sorted(f"{s}.{k}" for s in STAGE_KEYS for k in set(old.get(s, {})) | set(new[s])
+                  if old.get(s, {}).get(k) != new[s].get(k) and f"{s}.{k}" not in skip)
 
 
 def _check_state(out: Path, cfg: dict[str, Any], rank: int) -> None:
     state = {k: cfg[k] for k in STAGE_KEYS}
     file = out / "study.json"
     if file.exists():
-        old = json.loads(file.read_text())["capture_config"]
-        changed = [f"{s}.{k}" for s in STAGE_KEYS for k in set(old.get(s, {})) | set(state[s])
-                   if old.get(s, {}).get(k) != state[s].get(k)]
+        changed = _changed(json.loads(file.read_text())["capture_config"], state)
         if changed:
             raise ConfigError(f"the output folder {str(out)!r} was made with other settings "
-                              f"(changed: {', '.join(sorted(changed))}); its stored traces would "
+                              f"(changed: {', '.join(changed)}); its stored traces would "
                               "not match. Use a new 'out' folder, or restore those settings")
     elif rank == 0:
-        _write_json(file, {"capture_config": state, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        atomic_write_json(file, {"capture_config": state,
+                                 "created": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def _check_fields(cfg: dict[str, Any], rows: list[dict]) -> None:
@@ -132,36 +129,46 @@ def _check_fields(cfg: dict[str, Any], rows: list[dict]) -> None:
                                   f"{absent[0] + 1}); keys present: {keys}")
 
 
-def _capture_stage(model, cfg, recs, out: Path, rank: int, world: int):
-    from thinklens._commands import run_capture
-    from thinklens.hooks.merge import merge_stores
-    from thinklens.hooks.store import Store
+def _check_labels(cfg: dict[str, Any], task: Any) -> None:
+    """Every probe's labels exist for the loaded model's task (before any generation)."""
+    for p in cfg["probe"]:
+        try:
+            _labels.check(p["labels"], task)
+        except ConfigError as e:
+            raise ConfigError(f"[[probe]] {p['name']!r}: {e}") from None
 
+
+def _shard_dirs(shards: Path) -> list[Path]:
+    if not shards.exists():
+        return []
+    return sorted(d for d in shards.glob("rank*") if (d / "manifest.json").exists())
+
+
+def _capture_stage(model, cfg, recs, out: Path, rank: int, world: int, progress: bool,
+                   say: Log) -> Store | None:
     main, shards = out / "store", out / "shards"
     for trash in out.glob(".trash-*"):
         shutil.rmtree(trash, ignore_errors=True)
     have = set(Store.open(main, verify="size").trace_ids) if (main / "manifest.json").exists() \
         else set()
-    shard_dirs = sorted(d for d in shards.glob("rank*") if (d / "manifest.json").exists()) \
-        if shards.exists() else []
-    for d in shard_dirs:
+    for d in _shard_dirs(shards):
         have |= set(Store.open(d, verify="size").trace_ids)
     todo = [(pid, prompt) for pid, prompt, _ in recs if pid not in have]
     c, g = cfg["capture"], cfg["generate"]
     kw = {"sites": c["sites"], "positions": c["positions"], "dtype": c["dtype"],
           "budget": c["budget"], "batch_size": c["batch_size"], "chunk": c["chunk"],
           "max_new_tokens": g["max_new_tokens"], "temperature": g["temperature"],
-          "seed": g["seed"]}
+          "seed": g["seed"], "generate_batch_size": g["batch_size"]}
     mine = todo[rank::world]
-    _say(rank, world, f"traces: {len(recs) - len(todo)} of {len(recs)} already captured; "
-                      f"{len(mine)} to do here")
+    say(f"traces: {len(recs) - len(todo)} of {len(recs)} already captured; "
+        f"{len(mine)} to do here")
     if mine:
-        run_capture(model, mine, main if world == 1 else shards / f"rank{rank}", **kw)
+        run_capture(model, mine, main if world == 1 else shards / f"rank{rank}",
+                    progress=progress, **kw)
     _barrier(world)
     if rank != 0:
         return None
-    shard_dirs = sorted(d for d in shards.glob("rank*") if (d / "manifest.json").exists()) \
-        if shards.exists() else []
+    shard_dirs = _shard_dirs(shards)
     if shard_dirs:
         order = [pid for pid, _, _ in recs]
         sources = ([main] if (main / "manifest.json").exists() else []) + shard_dirs
@@ -173,9 +180,6 @@ def _capture_stage(model, cfg, recs, out: Path, rank: int, world: int):
 
 
 def _figures(result, name: str, out: Path, formats: list[str]) -> list[str]:
-    from thinklens.figures import export
-    from thinklens.plots import plot_probe_by_layer, plot_probe_grid
-
     best = result.positions.index(result.best()[0])
     figs = {f"{name}-by-layer": plot_probe_by_layer(result, position=best)}
     if len(result.positions) > 1:
@@ -186,38 +190,36 @@ def _figures(result, name: str, out: Path, formats: list[str]) -> list[str]:
     for stem, fig in figs.items():
         for fmt in formats:
             path = folder / f"{stem}.{fmt}"
-            tmp = folder / f".{stem}.tmp.{fmt}"
-            if fmt == "html":
-                fig.write_html(tmp, include_plotlyjs="directory", full_html=True)
-            else:
-                export(fig, tmp)
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                if fmt == "html":
+                    fig.write_html(tmp, include_plotlyjs="directory", full_html=True)
+                else:
+                    export(fig, tmp)
             written.append(str(path.relative_to(out)))
     return written
 
 
-def _probe(store, p: dict, rows: list[dict], out: Path, formats: list[str]) -> dict:
-    from .labels import resolve
-    from .sweep import sweep
-
+def _probe(store, p: dict, rows: list[dict], out: Path, formats: list[str], task: Any) -> dict:
     key = _digest({"probe": p, "traces": store.trace_ids, "sites": store.keys})
     file = out / "results" / f"{p['name']}.json"
     if file.exists():
         old = json.loads(file.read_text())
         if old.get("hash") == key:
+            grid = old["result"]  # a record written before the summary said how it chose
+            old["summary"].setdefault("selected_on", "test")
+            old["summary"].setdefault("n_cells", len(grid["positions"]) * len(grid["sites"]))
             return {**old, "skipped": True}
     t0 = time.time()
-    traces = store.traces
-    lab = resolve(p["labels"], traces, rows)
-    sites = p["sites"] or store.keys
-    res = sweep(store, sites, lab.labels, level=lab.level, positions=p["positions"],
-                kind=p["kind"], l2=float(p["l2"]), class_weight=p["class_weight"],
-                control=p["control"], n_boot=p["n_boot"], test_frac=p["test_frac"],
-                seed=p["seed"])
+    lab = _labels.resolve(p["labels"], store.traces, rows, task=task)
+    res = sweep(store, p["sites"] or store.keys, lab.labels, level=lab.level,
+                positions=p["positions"], kind=p["kind"], l2=float(p["l2"]),
+                class_weight=p["class_weight"], control=p["control"], n_boot=p["n_boot"],
+                test_frac=p["test_frac"], seed=p["seed"])
     pos, site = res.best()
     k, s = res.positions.index(pos), res.sites.index(site)
     main = res.main_metric
     summary = {"best_site": site, "best_position": pos, main: float(res.grid()[k, s]),
+               "selected_on": "test", "n_cells": len(res.positions) * len(res.sites),
                "control": float(res.grid("control")[k, s]) if p["control"] else None,
                "selectivity": float(res.selectivity[k, s]) if p["control"] else None,
                "ci": res.ci[main][k, s].tolist(), "n_train": res.n_train, "n_test": res.n_test,
@@ -228,20 +230,41 @@ def _probe(store, p: dict, rows: list[dict], out: Path, formats: list[str]) -> d
               "config": p, "summary": summary, "figures": files,
               "seconds": round(time.time() - t0, 2), "result": res.to_dict()}
     (out / "results").mkdir(exist_ok=True)
-    _write_json(file, record)
+    atomic_write_json(file, record)
     return {**record, "skipped": False}
 
 
-def run_study(config: str | Path | dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
+def describe(name: str, record: dict) -> str:
+    """One line about a probe's result, as ``thinklens probe`` reports it."""
+    s = record["summary"]
+    main = "accuracy" if "accuracy" in s else "r2"
+    ctrl = (f" (control {s['control']:.3f}, selectivity {s['selectivity']:.3f})"
+            if s["control"] is not None else "")
+    return (f"probe {name!r} ({record['labels']}): {main} {s[main]:.3f}{ctrl} at "
+            f"{s['best_site']} position {s['best_position']}, best of {s['n_cells']} cells, "
+            f"chosen on the test split{' [done before, skipped]' if record['skipped'] else ''}")
+
+
+def run_study(config: str | Path | dict[str, Any], *, progress: bool = True,
+              log: Log | None = None) -> dict[str, Any]:
     """Run (or resume) the study in ``config`` (a path or a parsed dict); returns the summary.
 
-    Under torchrun, ranks other than 0 return ``{}`` after the capture stage.
-    """
-    import thinklens
+    Example::
 
+        summary = run_study("study.toml", log=print)
+        summary["probes"]["value"]["accuracy"]   # best cell's test accuracy (selected on test)
+
+    ``log`` receives progress lines (prefixed ``[rank r/N]`` under torchrun). Under
+    torchrun, ranks other than 0 return ``{}`` after the capture stage.
+    """
     cfg = load_config(config) if not isinstance(config, dict) else config
     out = Path(cfg["out"])
     rank, world = _distributed()
+
+    def say(msg: str) -> None:
+        if log is not None:
+            log(f"[rank {rank}/{world}] {msg}" if world > 1 else msg)
+
     try:
         out.mkdir(parents=True, exist_ok=True)
         _check_state(out, cfg, rank)
@@ -254,31 +277,26 @@ def run_study(config: str | Path | dict[str, Any], *, progress: bool = True) -> 
             import torch
             if torch.cuda.is_available():
                 device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-        model = thinklens.load(m["spec"], device=device, checkpoint=m["checkpoint"])
-        store = _capture_stage(model, cfg, recs, out, rank, world)
+        model = load(m["spec"], device=device, checkpoint=m["checkpoint"])
+        _check_labels(cfg, model.task)
+        store = _capture_stage(model, cfg, recs, out, rank, world, progress, say)
         if rank != 0:
             return {}
         t_capture = time.time() - t0
         by_id = {pid: row for pid, _, row in recs}
         rows = [by_id.get(tid, {}) for tid in store.trace_ids]
         results = {}
-        bar = tqdm(cfg["probe"], desc="probes", unit="probe", disable=not progress)
-        for p in bar:
-            r = _probe(store, p, rows, out, cfg["output"]["figures"])
-            results[p["name"]] = r
-            s = r["summary"]
-            main = "accuracy" if "accuracy" in s else "r2"
-            ctrl = (f" (control {s['control']:.3f}, selectivity {s['selectivity']:.3f})"
-                    if s["control"] is not None else "")
-            _say(rank, world, f"probe {p['name']!r} ({p['labels']}): best {s['best_site']} "
-                 f"{main} {s[main]:.3f}{ctrl}{' [done before, skipped]' if r['skipped'] else ''}")
+        for p in tqdm(cfg["probe"], desc="probes", unit="probe", disable=not progress):
+            results[p["name"]] = r = _probe(store, p, rows, out, cfg["output"]["figures"],
+                                            model.task)
+            say(describe(p["name"], r))
         summary = {"model": model.name, "traces": len(store), "world_size": world,
                    "capture_seconds": round(t_capture, 1),
                    "probes": {n: {"labels": r["labels"], "level": r["level"], **r["summary"],
                                   "figures": r["figures"], "file": f"results/{n}.json"}
                               for n, r in results.items()}}
-        _write_json(out / "results.json", summary)
-        _say(rank, world, f"results: {out / 'results.json'} ({time.time() - t0:.1f} s)")
+        atomic_write_json(out / "results.json", summary)
+        say(f"results: {out / 'results.json'} ({time.time() - t0:.1f} s)")
         return summary
     finally:
         if world > 1:

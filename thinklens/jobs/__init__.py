@@ -1,0 +1,19 @@
+"""thinklens.jobs: batch jobs above the analyses — the resumable capture journal, probe
+studies from a TOML file, and the small jobs of the command line.
+
+- :mod:`thinklens.jobs.journal` — :func:`run_capture` (think + capture in resumable,
+  journaled rounds), :func:`read_prompts` / :func:`read_jsonl` (JSONL prompt files).
+- :mod:`thinklens.jobs.study` — :func:`run_study` (``thinklens probe STUDY.toml``: traces,
+  capture, sharding under torchrun, probes, figures, summary); its file format is
+  :mod:`thinklens.jobs.config`, its named labels :mod:`thinklens.jobs.labels`.
+- :mod:`thinklens.jobs.commands` — ``demo``, ``capture``, ``site_names``.
+
+Jobs report progress through tqdm bars and an optional ``log`` callable; they never print.
+:mod:`thinklens.cli` parses arguments, calls one job and prints what it returns.
+"""
+
+from thinklens.jobs.config import load_config
+from thinklens.jobs.journal import read_jsonl, read_prompts, run_capture
+from thinklens.jobs.study import run_study
+
+__all__ = ["run_capture", "read_prompts", "read_jsonl", "run_study", "load_config"]
