@@ -167,7 +167,7 @@ def sentence_means(pattern: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     """Per-head sentence×sentence mean attention of one layer.
 
     ``pattern`` is ``[batch, head, query, key]``; ``bounds`` is ``[batch, sentence, 2]``
-    token spans (``start == end`` pads). Returns ``[batch, head, sentence, sentence]``
+    token spans (``start == end`` pads). Returns ``[batch, head, query_sentence, key_sentence]``
     float32: ``out[b, h, i, j]`` = mean over query tokens of sentence i and key tokens of
     sentence j of ``pattern[b, h, q, k]``. Sums are taken with ``index_add_`` (each
     token adds into its sentence's row; tokens outside every sentence into a discarded

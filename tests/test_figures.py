@@ -94,15 +94,20 @@ def test_attention_from_sites_store_and_errors(organism, trace, heads_cap, tmp_p
     store = organism.capture(trace, sites="blocks.2.attn.hook_pattern", positions="thinking",
                              store=tmp_path / "acts")
     rows = trace.think_span.range
-    want = cap["blocks.2.attn.hook_pattern"].unpadded(0)[:, 3]       # [pos, key] of head 3
+    want = cap["blocks.2.attn.hook_pattern"].unpadded(0)[3]          # [query, key] of head 3
     for fig in (plot_attention(cap, heads=[3]), plot_attention(store, heads=[3])):
         assert fig.layout.annotations[0].text == "L2 H3"
         assert list(fig.layout.yaxis.tickvals) == list(rows)
         assert list(fig.layout.yaxis.ticktext) == _escaped(trace.tokens[rows.start:rows.stop])
         np.testing.assert_allclose(np.asarray(fig.data[0].z), want.numpy(), atol=1e-6)
-    # a bare head-subset pattern has lost which heads it holds: panels say so
+    # a head-subset pattern read from a capture keeps which heads it holds (labels["head"]);
+    # a bare one without them says so
     direct = plot_attention(trace, heads_cap["blocks.1.attn.hook_pattern"])
-    assert [a.text for a in direct.layout.annotations] == ["L1 stored head 0", "L1 stored head 1"]
+    assert [a.text for a in direct.layout.annotations] == ["L1 H0", "L1 H2"]
+    bare = heads_cap["blocks.1.attn.hook_pattern"]
+    bare.labels.clear()
+    assert [a.text for a in plot_attention(trace, bare).layout.annotations] == [
+        "L1 stored head 0", "L1 stored head 1"]
     with pytest.raises(ConfigError, match=r"\[0, 2\]"):
         plot_attention(heads_cap, heads=[1])
     with pytest.raises(ConfigError, match="key positions"):

@@ -2,18 +2,20 @@
 
 Token level (:func:`plot_attention`):
 
-1. Get one trace's pattern ``[head, query_pos, key_pos]``: given directly, from a
-   ``SiteActivations`` (``cap["blocks.1.attn.hook_pattern"]``), or from a Capture/Store
-   by ``layer``. Captures made with ``attention=[(layer, head), ...]`` hold only those
-   heads (their ids in ``cap.meta["heads"]``); ``sites="blocks.1.attn.hook_pattern"``
-   holds all heads, perhaps for a subset of query rows (``positions=``).
+1. Get one trace's pattern ``[head, query_pos, key_pos]`` (the one layout of a pattern,
+   TransformerLens's): given directly, from a ``SiteActivations``
+   (``cap["blocks.1.attn.hook_pattern"]``), or from a Capture/Store by ``layer``.
+   Captures made with ``attention=[(layer, head), ...]`` hold only those heads,
+   ``sites="blocks.1.attn.hook_pattern"`` all of them (the ids of either in
+   ``meta["heads"]``, and ``labels["head"]`` of the ``SiteActivations``); query rows are
+   at the captured positions (``positions=``).
 2. Draw one heatmap panel per head, four panels a row, on one shared colour axis from 0:
    key (source) tokens on x, query (destination) tokens on y, a matrix read top-down.
    Axis positions are numeric with the token strings as tick text, so repeated tokens
    (``=``, ``.``) keep their own columns. Hover names both tokens and the weight.
 
 Sentence level (:func:`plot_sentence_attention`): the ``sentence_attention`` reduction
-``[layer, head, sentence, sentence]`` (Thought Anchors, Bogdan et al. 2025), one heatmap
+``[layer, head, query_sentence, key_sentence]`` (Thought Anchors, Bogdan et al. 2025), one heatmap
 per head, one shown at a time, picked in a dropdown with one entry per layer×head.
 """
 
@@ -174,13 +176,13 @@ def _pattern(source: Any, pattern: Any, layer: int | None, i: int
         pos = source._positions()
         vals, queries = _by_axes(source._per_trace(key)[i], source.axes[key],
                                  None if pos is None else pos[i], key)
-        head_ids = (getattr(source, "meta", None) or {}).get("heads", {}).get(key)
-        prefix = _prefix(key, source.axes[key], head_ids)
+        head_ids = ((getattr(source, "meta", None) or {}).get("heads") or {}).get(key)
+        prefix = _prefix(key, head_ids)
     elif isinstance(pattern, SiteActivations):
         pos = None if pattern.positions is None else pattern.positions[i]
         vals, queries = _by_axes(pattern.unpadded(i), pattern.axes[1:], pos, pattern.key)
         head_ids = pattern.labels.get("head")
-        prefix = _prefix(pattern.key, pattern.axes[1:], head_ids)
+        prefix = _prefix(pattern.key, head_ids)
     else:
         vals = _numpy(pattern)
         vals = vals[None] if vals.ndim == 2 else vals
@@ -194,11 +196,11 @@ def _pattern(source: Any, pattern: Any, layer: int | None, i: int
     return vals, head_ids, queries, prefix
 
 
-def _prefix(key: str, axes: Sequence[str], head_ids: Any) -> str:
-    """Panel title prefix: ``L1 H``; ``L1 stored head `` when a head subset lacks its ids."""
+def _prefix(key: str, head_ids: Any) -> str:
+    """Panel title prefix: ``L1 H``; ``L1 stored head `` when the heads' ids are unknown."""
     layer = key.split(".")[1] if key.startswith("blocks.") else "?"
-    if head_ids is None and axes[0] == "head":  # attention=[...] kept a subset; a Store
-        return f"L{layer} stored head "           # or bare SiteActivations lose which
+    if head_ids is None:  # a store or tensor without the capture's head ids
+        return f"L{layer} stored head "
     return f"L{layer} H"
 
 
@@ -220,21 +222,22 @@ def _by_axes(t: Any, axes: Sequence[str], positions: Any, key: str
              ) -> tuple[np.ndarray, list[int]]:
     """One trace's pattern as ``[head, query, key]`` and the query positions of its rows."""
     vals = _numpy(t)
-    if tuple(axes) == ("pos", "head", "key_pos"):  # sites=...hook_pattern: rows at positions
-        rows = vals.shape[0]
-        queries = positions[:rows].tolist() if positions is not None else list(range(rows))
-        return vals.transpose(1, 0, 2), [int(q) for q in queries]
-    if tuple(axes) == ("head", "query_pos", "key_pos"):  # attention=[(layer, head)]
-        return vals, list(range(vals.shape[1]))
-    raise ConfigError(f"{key} has axes {tuple(axes)}; need an attention pattern "
-                      "(pos, head, key_pos) or (head, query_pos, key_pos)")
+    if tuple(axes) == ("pos", "head", "key_pos"):  # stores written before the one layout
+        vals = vals.transpose(1, 0, 2)
+    elif tuple(axes) != ("head", "query_pos", "key_pos"):
+        raise ConfigError(f"{key} has axes {tuple(axes)}; need an attention pattern "
+                          "(head, query_pos, key_pos)")
+    rows = vals.shape[1]  # query rows sit at the captured positions
+    queries = positions[:rows].tolist() if positions is not None else list(range(rows))
+    return vals, [int(q) for q in queries]
 
 
 def _sentence_values(source: Any, sa: Any, i: int) -> np.ndarray:
     if sa is None:
         if not isinstance(source, ActivationReader):
             raise ConfigError("plot_sentence_attention(trace, sentence_attention): give the "
-                              "[layer, head, sentence, sentence] tensor, or pass a Capture")
+                              "[layer, head, query_sentence, key_sentence] tensor, or pass a "
+                              "Capture")
         if SENTENCE_KEY not in source.keys:
             raise ConfigError(f"no {SENTENCE_KEY!r} in {source!r}; capture with "
                               "attention='sentence'")
@@ -246,5 +249,5 @@ def _sentence_values(source: Any, sa: Any, i: int) -> np.ndarray:
         vals = vals[0]
     if vals.ndim != 4:
         raise ConfigError(f"sentence attention of shape {vals.shape}; need "
-                          "[layer, head, sentence, sentence] for one trace")
+                          "[layer, head, query_sentence, key_sentence] for one trace")
     return vals
