@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,10 +55,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         raise ConfigError(f"cannot write {str(path)!r}: no folder {str(path.parent)!r}")
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
-                                suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    tmp = Path(name)
+    # os.open with 0o666 honours the umask (mkstemp's 0o600 would hide a report from others)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         fsync_file(tmp)

@@ -59,7 +59,8 @@ class Task:
     sentences and tagged; ``None`` = thinklens's defaults); ``label_sets`` (named labels
     for probe studies); ``pairs`` (clean/corrupted pair builders ``fn(model, ...) -> Pair``);
     ``example_prompts`` (prompts a study of this model starts from); ``study_labels`` (the
-    label set a report probes for, or ``None``).
+    label set a report probes for, or ``None``); ``description`` (one or two sentences on
+    what the model's thinking does, for reports).
     """
 
     name: str
@@ -69,6 +70,7 @@ class Task:
     pairs: dict[str, Callable[..., Any]] = field(default_factory=dict)
     example_prompts: list[str] = field(default_factory=list)
     study_labels: str | None = None
+    description: str = ""
 
     def matches(self, hf_config: Any) -> bool:
         """Whether a model with this Hugging Face config is one of this task's models."""

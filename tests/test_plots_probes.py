@@ -15,7 +15,7 @@ from thinklens.plots import (
     plot_training_curve,
 )
 from thinklens.zoo.evaluate import heldout_problems
-from thinklens.zoo.organism import token_truth
+from thinklens.zoo.organism import token_truth, training_curve
 
 
 @pytest.fixture(scope="module")
@@ -68,4 +68,4 @@ def test_curves_from_dataclasses():
                         thinking_tokens=torch.tensor([30.0, 20.0]), metric_name="7s")
     fig = plot_dose_response(dose)
     assert list(fig.data[0].y) == [pytest.approx(0.1), pytest.approx(0.5)]
-    assert plot_training_curve().data[0].name == "loss"
+    assert plot_training_curve(training_curve()).data[0].name == "loss"

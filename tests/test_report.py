@@ -15,7 +15,7 @@ from thinklens.cli import main
 from thinklens.errors import ConfigError, ThinklensError
 from thinklens.report import Report, Section, Table, study
 from thinklens.report.page import FIGURES, PAGE
-from thinklens.report.study import ORGANISM_PROMPTS
+from thinklens.zoo.registry import STUDY_PROMPTS as ORGANISM_PROMPTS
 
 NASTY = "<script>alert(1)</script> <b>x</b> c = 1 ; ? c"
 PROMPTS = [ORGANISM_PROMPTS[0], NASTY, ORGANISM_PROMPTS[2]]
@@ -196,8 +196,8 @@ def test_other_models_skip_organism_parts_with_a_note(qwen2_dir, tmp_path, capsy
                  "2", "--max-new-tokens", "12", "--formats", "", "--no-progress"])
     assert code == 0 and "report.html" in capsys.readouterr().out
     page = (tmp_path / PAGE).read_text()
-    assert page.count("Skipped: this probe needs the organism") == 1
-    assert page.count("Skipped: the organism pair") == 2    # patching and circuit
+    assert page.count("needs ground truth from the model&#x27;s task") == 3  # probe, patching, circuit
+    assert page.count("it has no registered task") == 3
     assert "The model and its traces" in page and "Attention" in page
     assert not (tmp_path / FIGURES).exists()
     assert page.count("Plotly.newPlot(") >= 1       # the middle layer's attention at least

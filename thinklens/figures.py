@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from thinklens.errors import ConfigError, ThinklensError
+from thinklens.hooks._fileio import atomic_write_bytes
 
 FORMATS = ("pdf", "svg", "png")
 DEBIAN_CHROMIUM = "/usr/bin/chromium"
@@ -74,7 +75,7 @@ def export(fig: Any, path: str | os.PathLike[str], *, width: int | None = None,
             "height": height or layout.get("height") or 500}
     data = _render(_stable_uids(fig), opts, browser)
     data = {"pdf": _normalise_pdf, "svg": _normalise_svg}.get(fmt, bytes)(data)
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
     return path
 
 
@@ -180,14 +181,3 @@ def _normalise_svg(data: bytes) -> bytes:
     uid = re.compile(rb"(?<=[A-Za-z\-])" + re.escape(m[1]))  # never '#ab12cd' colours
     digest = hashlib.sha256(uid.sub(b"", data)).hexdigest()[: len(m[1])].encode()
     return uid.sub(digest, data)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open() honours the umask
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -9,16 +9,13 @@ from thinklens.errors import ConfigError
 from thinklens.theme import QUALITATIVE, apply
 
 
-def plot_training_curve(curve: list[dict] | None = None, *, size: str | None = None) -> go.Figure:
+def plot_training_curve(curve: list[dict], *, size: str | None = None) -> go.Figure:
     """Loss (log scale) and accuracy by depth, with and without thinking, per checkpoint.
 
-    ``curve`` is the rows of ``curve.json`` (default: the shipped organism's)::
+    ``curve`` is the rows of a training run's ``curve.json``, e.g. the shipped organism's::
 
-        fig = plot_training_curve()      # two panels: loss | accuracy
+        fig = plot_training_curve(thinklens.zoo.training_curve())   # two panels: loss | accuracy
     """
-    if curve is None:
-        from thinklens.zoo.organism import training_curve
-        curve = training_curve()
     if not curve:
         raise ConfigError("empty training curve; train with `thinklens organism train` first")
     steps = [r["step"] for r in curve]

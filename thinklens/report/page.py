@@ -29,6 +29,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from thinklens.errors import ConfigError
+from thinklens.figures import export, export_session
+from thinklens.hooks._fileio import atomic_write_text
 
 FORMATS = ("pdf", "svg")
 PAGE = "report.html"
@@ -146,8 +148,6 @@ class Report:
     def write(self, out: str | os.PathLike[str], *, formats: Sequence[str] = FORMATS,
               progress: bool = True) -> Path:
         """Export the figures into ``out/figures/`` and write ``out/report.html``; its path."""
-        from thinklens.figures import export, export_session
-
         bad = [f for f in formats if f not in ("pdf", "svg", "png")]
         if bad:
             raise ConfigError(f"formats {bad}; valid: 'pdf', 'svg', 'png'")
@@ -162,26 +162,12 @@ class Report:
                     for fmt in formats:
                         export(f.fig, out / FIGURES / f"{stem}.{fmt}")
         page = out / PAGE
-        write_text(page, self.to_html(formats))
+        atomic_write_text(page, self.to_html(formats))
         keep = {f"{stem}.{fmt}" for stem, _ in figs for fmt in formats}
         for old in (out / FIGURES).glob("[0-9][0-9]-*.*") if (out / FIGURES).is_dir() else ():
             if old.name not in keep and old.suffix in (".pdf", ".svg", ".png"):
                 old.unlink()  # a figure of an earlier report in this folder
         return page
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open() honours the umask
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _slug(name: str) -> str:

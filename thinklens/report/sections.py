@@ -7,17 +7,32 @@ from typing import Any
 
 import torch
 
-from thinklens.errors import ThinklensError
+from thinklens import probes as P
+from thinklens.circuits import atp, eap, faithfulness_curve, patch
+from thinklens.errors import ConfigError, ThinklensError
+from thinklens.plots import (
+    plot_attention,
+    plot_attribution_scatter,
+    plot_circuit,
+    plot_faithfulness,
+    plot_head_grid,
+    plot_logit_lens,
+    plot_patching,
+    plot_probe_by_layer,
+    plot_sentence_attention,
+    plot_trace,
+)
 from thinklens.report.page import Section, Table
 
-_PAIR_FALLBACK = "c = b + 4 ; a = 7 ; b = a - 2 ; ? c"
 _TEXT_CHARS = 400  # thinking shown per trace in the table; the figure has every sentence
 
 
-def _organism_only(model: Any, what: str) -> str:
-    return (f"Skipped: {what} needs the organism's per-token ground truth (the variable-binding "
-            f"task of thinklens.zoo), and {model.name!r} is not the organism. Run "
-            "`thinklens report` without --model to see it.")
+def _needs_task(model: Any, what: str) -> str:
+    task = f"its task ({model.task.name!r}) does not provide it" if model.task is not None \
+        else "it has no registered task (thinklens.hooks.task)"
+    return (f"Skipped: {what} needs ground truth from the model's task, and for "
+            f"{model.name!r} {task}. Run `thinklens report` without --model to see it on "
+            "the bundled organism.")
 
 
 def _short(text: str, n: int = _TEXT_CHARS) -> str:
@@ -27,8 +42,7 @@ def _short(text: str, n: int = _TEXT_CHARS) -> str:
 
 # ---- 1. traces ----------------------------------------------------------------------------
 
-def traces(model: Any, trs: list, organism: bool) -> Section:
-    from thinklens.plots import plot_trace
+def traces(model: Any, trs: list) -> Section:
 
     c = model.config
     s = Section(
@@ -37,8 +51,7 @@ def traces(model: Any, trs: list, organism: bool) -> Section:
         f"vocabulary {c.d_vocab}. Each prompt was answered greedily; the model writes its "
         "reasoning between <think> and </think>, cut into sentences (Thought Anchors' rule) "
         "and tagged by behaviour. "
-        + ("The organism resolves the chain from the query to its root by looking up "
-           "statements, then computes the values back up." if organism else ""))
+        + (model.task.description if model.task is not None else ""))
     rows = [[k, t.prompt, _short(t.thinking_text), t.answer_text.strip(), len(t.sentences),
              "yes" if t.truncated else "no"] for k, t in enumerate(trs)]
     s.table = Table(["#", "prompt", "thinking", "answer", "sentences", "truncated"], rows,
@@ -57,7 +70,6 @@ def traces(model: Any, trs: list, organism: bool) -> Section:
 
 def attention(model: Any, trs: list, heads: list[tuple[int, int]],
               from_patching: bool) -> Section:
-    from thinklens.plots import plot_attention, plot_sentence_attention
 
     k = next((k for k, t in enumerate(trs) if len(t.sentences) > 1),
              next((k for k, t in enumerate(trs) if t.sentences), 0))
@@ -95,23 +107,19 @@ def attention(model: Any, trs: list, heads: list[tuple[int, int]],
 # ---- 3. probes and the logit lens ---------------------------------------------------------
 
 def probes(model: Any, n_probe: int) -> Section:
-    from thinklens import probes as P
-    from thinklens.plots import plot_probe_by_layer
-    from thinklens.zoo.evaluate import heldout_problems
-    from thinklens.zoo.organism import token_truth
-
+    task = model.task
+    if task is None or task.study_labels is None:
+        return skipped_probes(model)
     depths = (2, 3, 4)
     per = max(2, -(-n_probe // len(depths)))
-    prompts = [p.prompt for d in depths for p in heldout_problems(d, per, seed=99)]
+    rows = sorted(task.problems(per * len(depths), depths=depths, seed=99),
+                  key=lambda r: depths.index(r["depth"]))  # depth by depth
+    prompts = [row["prompt"] for row in rows]
     trs = model.think_batch(prompts, max_new_tokens=96, progress=False)
     cap = model.capture(trs, sites="blocks.*.hook_resid_post", progress=False)
-    truth = [token_truth(t) for t in trs]
-
-    def label(i, tr, k):  # the value a compute step writes, read at the "=" before it
-        t = truth[i][k + 1] if k + 1 < len(tr) else None
-        return t.value if t and t.role == "result" else None
-
-    res = P.sweep(cap, "blocks.*.hook_resid_post", label, n_boot=100)
+    labels = task.label_sets[task.study_labels]
+    res = P.sweep(cap, "blocks.*.hook_resid_post", labels.make(trs, None), level=labels.level,
+                  n_boot=100)
     s = Section(
         "Probes: where the computed value is",
         f"A logistic probe per layer reads the value a compute step is about to write "
@@ -133,12 +141,10 @@ def probes(model: Any, n_probe: int) -> Section:
 def skipped_probes(model: Any) -> Section:
     return Section("Probes: where the computed value is",
                    "A probe sweep over layers for the value each thinking step computes.",
-                   note=_organism_only(model, "this probe"))
+                   note=_needs_task(model, "this probe"))
 
 
 def logit_lens(model: Any, trs: list) -> Section:
-    from thinklens import probes as P
-    from thinklens.plots import plot_logit_lens
 
     s = Section(
         "Logit lens",
@@ -187,33 +193,14 @@ class Patching:
     section: Section
 
 
-def _pair(model: Any, prompts: list[str]) -> Any:
-    """change_constant on the root of the first prompt the task parses; else the fallback."""
-    from thinklens.circuits import change_constant
-    from thinklens.zoo.task import problem_from_prompt
-
-    for prompt in [*prompts, _PAIR_FALLBACK]:
-        try:
-            problem = problem_from_prompt(prompt)
-        except ThinklensError:
-            continue
-        if problem.depth < 2:
-            continue
-        root = problem.chain[0]
-        const = next(s.const for s in problem.statements if s.var == root)
-        for new in [(const + d) % 10 for d in (3, 1, 2, 4, 5, 6, 7, 8, 9)]:
-            try:
-                return change_constant(model, prompt, root, new)
-            except ThinklensError:
-                continue
-    raise ThinklensError("no organism prompt gave a patching pair")  # the fallback always does
-
-
-def patching(model: Any, prompts: list[str]) -> Patching:
-    from thinklens.circuits import patch
-    from thinklens.plots import plot_head_grid, plot_patching
-
-    pair = _pair(model, prompts)
+def patching(model: Any, prompts: list[str]) -> Patching | None:
+    """Patching of the task's study pair (``model.task.study_pair``), or None without one."""
+    if model.task is None:
+        return None
+    try:
+        pair = model.task.study_pair(model, prompts)
+    except ConfigError:
+        return None
     resid = patch(model, pair, "resid_pre", by=("layer", "pos"), progress=False)
     z = patch(model, pair, "z", by=("layer", "head"), progress=False)
     clean = pair.clean_trace.prompt if pair.clean_trace is not None else ""
@@ -245,14 +232,12 @@ def patching(model: Any, prompts: list[str]) -> Patching:
 def skipped_patching(model: Any) -> Section:
     return Section("Activation patching",
                    "Patching between a clean and a corrupted organism problem.",
-                   note=_organism_only(model, "the organism pair (change_constant)"))
+                   note=_needs_task(model, "patching (on the task's clean/corrupted pair)"))
 
 
 # ---- 5. circuit ---------------------------------------------------------------------------
 
 def circuit(model: Any, pair: Any, exact_z: Any = None, at_least: float = 0.8) -> Section:
-    from thinklens.circuits import atp, eap, faithfulness_curve
-    from thinklens.plots import plot_attribution_scatter, plot_circuit, plot_faithfulness
 
     full = eap(model, pair, steps=5, progress=False)
     curve = faithfulness_curve(model, pair, full, progress=False)
@@ -287,4 +272,4 @@ def circuit(model: Any, pair: Any, exact_z: Any = None, at_least: float = 0.8) -
 
 def skipped_circuit(model: Any) -> Section:
     return Section("Circuit", "EAP-IG edge scores, a circuit and its faithfulness curve.",
-                   note=_organism_only(model, "the organism pair the circuit is found on"))
+                   note=_needs_task(model, "the circuit (found on the task's pair)"))

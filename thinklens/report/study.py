@@ -1,24 +1,25 @@
 """The study behind ``thinklens report``: traces, attention, probes, patching on one model.
 
 1. Think on a handful of prompts (greedy) and show each trace, sentence by sentence.
-2. Organism only: build a clean/corrupted pair from the first prompt the task parses
-   (change the root constant of the asked chain, :func:`~thinklens.circuits.change_constant`)
-   and patch it: ``resid_pre`` by layer × position and ``z`` by layer × head (denoising,
+2. Models with a task that builds a pair (``model.task.study_pair``; the organism:
+   change the root constant of the asked chain, ``change_constant``) patch it: ``resid_pre`` by layer × position and ``z`` by layer × head (denoising,
    logit difference; Meng et al. 2022, Heimersheim & Nanda 2024).
 3. Attention of the first trace: token-level patterns of two heads (the two with the
    largest z-patching effect on the organism, else two heads of the middle layer) and
    the sentence × sentence mean attention of every head (Thought Anchors, Bogdan et al.
    2025).
-4. Organism only: probe every layer's residual stream for the value a compute step
-   writes, read at the ``=`` before it, on held-out problems, with a shuffled-label
+4. Models whose task names a label set to study (``model.task.study_labels``; the
+   organism: the value a compute step writes, read at the ``=`` before it) probe every
+   layer's residual stream for it on the task's held-out problems, with a shuffled-label
    control (Hewitt & Liang 2019). Every model: the logit lens (nostalgebraist 2020) of
    the model's own first answer token over the thinking.
-5. Organism only: score every edge of the pair's computation graph with EAP-IG (Hanna et
+5. With the pair of step 2: score every edge of the pair's computation graph with EAP-IG (Hanna et
    al. 2024), keep the fewest top edges that recover 80% of the logit difference, and
    draw that circuit and the faithfulness curve.
 
-Each part becomes a :class:`~thinklens.report.page.Section`; parts that need the
-organism's ground truth are replaced by a note on other models.
+Each part becomes a :class:`~thinklens.report.page.Section`; parts that need what a
+model's task provides (:mod:`thinklens.hooks.task`) are replaced by a note on models
+without one.
 """
 
 from __future__ import annotations
@@ -32,30 +33,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+import thinklens
+from thinklens.errors import ConfigError
 from thinklens.report import sections as S
 from thinklens.report.page import FORMATS, Report
 
-ORGANISM_PROMPTS = [
-    "c = b + 4 ; a = 7 ; b = a - 2 ; ? c",
-    "e = 5 ; d = e + 3 ; g = 1 ; ? d",
-    "h = f - 1 ; f = k + 6 ; k = 2 ; j = 9 ; ? h",
-    "l = i + 2 ; c = 8 ; i = g - 3 ; g = c + 5 ; a = 3 ; ? l",
-    "b = 4 ; ? b",
-    "d = a - 3 ; a = 6 ; f = 0 ; ? d",
-]
 GENERIC_PROMPTS = [
     "What is 17 + 25? Answer with the number only.",
     "Tom has 3 apples and buys 4 more. How many apples does he have?",
     "Is 91 a prime number? Answer yes or no.",
     "x = 7 and y = x - 2. What is y?",
 ]
+_SMALL_D_MODEL = 256  # below this, one torch thread is faster (see _one_thread)
 _STEPS = ("load", "think", "patching", "attention", "probes", "logit lens", "circuit")
-
-
-def is_organism(model: Any) -> bool:
-    """True for the bundled organism (or any model trained on its task)."""
-    cfg = getattr(getattr(model.bridge, "original_model", None), "config", None)
-    return getattr(cfg, "thinklens_task", None) == "variable-binding"
 
 
 def report(model: Any = "organism", out: str | Path = "thinklens-report", *,
@@ -70,8 +60,8 @@ def report(model: Any = "organism", out: str | Path = "thinklens-report", *,
         path.name                                       # 'report.html'
 
     ``model``: a spec for :func:`thinklens.load` or a loaded Model. ``prompts``: the
-    problems shown (default: ``n_problems`` built-in ones). ``n_probe``: held-out organism
-    problems the probes are trained and tested on. ``formats``: figure files beside the
+    problems shown (default: ``n_problems`` of the task's example prompts, else built-in
+    ones). ``n_probe``: held-out problems of the task the probes are trained and tested on. ``formats``: figure files beside the
     page (``()`` for none).
     """
     rep = study(model, prompts=prompts, n_problems=n_problems, n_probe=n_probe,
@@ -83,8 +73,8 @@ def report(model: Any = "organism", out: str | Path = "thinklens-report", *,
 def _one_thread(on: bool) -> Iterator[None]:
     """torch on one intra-op thread inside the block, restored after it.
 
-    The organism's matrices (d_model 128) are too small for threads to pay: on a busy
-    2-core machine two threads made the study 3x slower (probe fits, mostly).
+    Small models' matrices (the organism's d_model is 128) are too small for threads to
+    pay: on a busy 2-core machine two threads made the study 3x slower (probe fits, mostly).
     """
     before = torch.get_num_threads()
     if on:
@@ -99,9 +89,6 @@ def study(model: Any = "organism", *, prompts: Sequence[str] | None = None,
           n_problems: int = 4, n_probe: int = 60, max_new_tokens: int | None = None,
           progress: bool = True) -> Report:
     """The :class:`Report` of :func:`report`, computed but not written (see its arguments)."""
-    import thinklens
-    from thinklens.errors import ConfigError
-
     for name, v, least in (("n_problems", n_problems, 1), ("n_probe", n_probe, 6)):
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise ConfigError(f"{name}={v!r}; give an integer >= {least}")
@@ -118,33 +105,33 @@ def study(model: Any = "organism", *, prompts: Sequence[str] | None = None,
     step("load")
     if isinstance(model, str | Path):
         model = thinklens.load(str(model))
-    organism = is_organism(model)
     bar.update()
-    with _one_thread(organism):
-        rep = _run(model, organism, prompts, n_problems, n_probe, max_new_tokens, bar, step)
+    with _one_thread(model.config.d_model <= _SMALL_D_MODEL):
+        rep = _run(model, prompts, n_problems, n_probe, max_new_tokens, bar, step)
     rep.meta["study time"] = f"{time.time() - t0:.1f} s (before figure export)"
     bar.close()
     return rep
 
 
-def _run(model, organism, prompts, n_problems, n_probe, max_new_tokens, bar, step) -> Report:
-    import thinklens
-
+def _run(model, prompts, n_problems, n_probe, max_new_tokens, bar, step) -> Report:
     step("think")
-    default = ORGANISM_PROMPTS if organism else GENERIC_PROMPTS
+    task = model.task
+    default = task.example_prompts if task is not None and task.example_prompts \
+        else GENERIC_PROMPTS
     prompts = prompts if prompts is not None else default[:n_problems]
-    budget = max_new_tokens or (96 if organism else 160)
+    small = model.config.d_model <= _SMALL_D_MODEL
+    budget = max_new_tokens or (96 if small else 160)
     traces = model.think_batch(prompts, max_new_tokens=budget, progress=False)
     bar.update()
     step("patching")
-    patching = S.patching(model, prompts) if organism else None
+    patching = S.patching(model, prompts)
     bar.update()
     step("attention")
     attention = S.attention(model, traces, _heads(model, patching),
                             from_patching=patching is not None)
     bar.update()
     step("probes")
-    probe = S.probes(model, n_probe) if organism else S.skipped_probes(model)
+    probe = S.probes(model, n_probe)
     bar.update()
     step("logit lens")
     lens = S.logit_lens(model, traces)
@@ -156,7 +143,7 @@ def _run(model, organism, prompts, n_problems, n_probe, max_new_tokens, bar, ste
     rep = Report(f"thinklens report: {model.name}", meta={
         "model": repr(model), "problems": len(traces), "study time": "",
         "thinklens": thinklens.__version__})
-    for section in (S.traces(model, traces, organism), attention, probe, lens,
+    for section in (S.traces(model, traces), attention, probe, lens,
                     patching.section if patching is not None else S.skipped_patching(model),
                     circuit):
         rep.add(section)

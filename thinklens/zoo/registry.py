@@ -95,7 +95,9 @@ class OrganismTask(Task):
             pairs={"change_constant": pairs.change_constant,
                    "change_thinking_value": pairs.change_thinking_value,
                    "swap_names": pairs.swap_names, "lookup_step": pairs.lookup_step},
-            example_prompts=list(STUDY_PROMPTS), study_labels="organism.value")
+            example_prompts=list(STUDY_PROMPTS), study_labels="organism.value",
+            description="The organism resolves the chain from the query to its root by "
+                        "looking up statements, then computes the values back up.")
 
     def matches(self, hf_config: Any) -> bool:
         return getattr(hf_config, "thinklens_task", None) == TASK_KEY
