@@ -15,7 +15,6 @@ from thinklens import figures, theme
 from thinklens.circuits import make_pair, patch, path_patch
 from thinklens.errors import ConfigError, ThinklensError
 from thinklens.plots import plot_attribution_scatter, plot_head_grid, plot_patching
-from thinklens.plots.patching import pearson, spearman
 from thinklens.zoo import change_constant
 
 PROMPT = "c = b + 4 ; a = 7 ; b = a - 2 ; ? c"
@@ -167,18 +166,6 @@ def test_scatter_of_real_attribution_results(organism, pair, by_head):
         _close(d.y, y)
         assert d.meta["spearman"] == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
     assert plot_attribution_scatter(approx, by_head).data[0].name.startswith("atp")
-
-
-def test_spearman_with_ties_equals_scipy():
-    rng = np.random.default_rng(0)
-    x, y = rng.integers(0, 5, 40).astype(float), rng.integers(0, 7, 40).astype(float)
-    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
-    assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
-    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8, abs=1e-12)
-    x[3] = np.nan                                          # NaN pairs are left out
-    keep = np.isfinite(x)
-    assert spearman(x, y) == pytest.approx(stats.spearmanr(x[keep], y[keep])[0], abs=1e-12)
-    assert np.isnan(pearson([1, 1, 1], [1, 2, 3]))
 
 
 def test_bad_input_errors(by_pos, by_head, per_head):

@@ -17,7 +17,8 @@ returns a ``go.Figure``:
 3. :func:`plot_attribution_scatter` puts an estimate (AtP, EAP, EAP-IG; Nanda 2023,
    Kramár et al. 2024, Syed et al. 2023, Hanna et al. 2024) against exact patching cell
    by cell: x = exact effect, y = estimate, the y = x diagonal, and the Pearson and
-   Spearman correlations over the cells. Effects are changes of the metric: a
+   Spearman correlations over the cells (:func:`thinklens.probes.metrics.pearson`,
+   :func:`~thinklens.probes.metrics.spearman`). Effects are changes of the metric: a
    ``PatchResult`` (and an ``AttributionResult`` from ``atp`` or
    ``Circuit.node_effects``) holds the metric after each patch, so its base run's value
    (corrupted run when denoising, clean run when noising) is subtracted; other objects
@@ -36,7 +37,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from thinklens import theme
+from thinklens.circuits.metrics import normalize
+from thinklens.circuits.results import PatchResult
 from thinklens.errors import ConfigError
+from thinklens.probes.metrics import pearson, spearman
 
 _AXIS_TITLES = {"layer": "layer", "pos": "token", "head": "head", "kv_head": "KV head",
                 "sender": "sender"}
@@ -188,27 +192,6 @@ def _stats_line(stats: list[tuple[str, float, float]], n: int) -> str:
             + f" (Spearman ρ, Pearson r over {n} cells)")
 
 
-def spearman(x: Any, y: Any) -> float:
-    """Spearman's ρ over the finite pairs: Pearson's r of the ranks (ties: average rank).
-
-    Example::
-
-        spearman([1, 2, 3, 4], [1, 3, 2, 4])   # 0.8
-    """
-    x, y = _finite_pairs(x, y)
-    return pearson(_ranks(x), _ranks(y))
-
-
-def pearson(x: Any, y: Any) -> float:
-    """Pearson's r over the finite pairs; NaN when either side is constant or < 2 pairs."""
-    x, y = _finite_pairs(x, y)
-    if len(x) < 2:
-        return float("nan")
-    dx, dy = x - x.mean(), y - y.mean()
-    den = math.sqrt(float((dx * dx).sum() * (dy * dy).sum()))
-    return float((dx * dy).sum() / den) if den > 0 else float("nan")
-
-
 # ---- helpers ------------------------------------------------------------------------------
 
 def _fields(r: Any, what: str) -> tuple[np.ndarray, tuple[str, ...], dict[str, list]]:
@@ -237,8 +220,6 @@ def _numpy(v: Any) -> np.ndarray:
 
 def _base(r: Any) -> float | None:
     """The metric of the run a PatchResult patched into; None for estimate-like results."""
-    from thinklens.circuits.patching import PatchResult
-
     if not isinstance(r, PatchResult):
         return None
     return r.corrupt if r.direction == "denoising" else r.clean
@@ -262,7 +243,7 @@ def _normalized(r: Any, values: np.ndarray, required: bool | None
             raise ConfigError(f"normalized=True needs different clean and corrupted metric "
                               f"values; this result has clean={clean!r}, corrupt={corrupt!r}")
         return np.full_like(values, np.nan), False
-    return (values - corrupt) / (clean - corrupt), required is not False
+    return normalize(values, clean, corrupt), required is not False
 
 
 def _metric(r: Any) -> str:
@@ -360,23 +341,3 @@ def _same_cells(name: str, shape: tuple[int, ...], axes: tuple[str, ...], labels
             raise ConfigError(f"estimate {name!r} and exact label axis {a!r} differently: "
                               f"{labels[a][:6]}... vs {exact_labels[a][:6]}...; the cells must "
                               "be the same layers / positions / heads in the same order")
-
-
-def _finite_pairs(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-    x, y = _numpy(x).ravel(), _numpy(y).ravel()
-    if x.shape != y.shape:
-        raise ConfigError(f"x and y have {x.size} and {y.size} values; need one pair per cell")
-    keep = np.isfinite(x) & np.isfinite(y)
-    return x[keep], y[keep]
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their average rank (``scipy.stats.rankdata``)."""
-    order = np.argsort(x, kind="mergesort")
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(x))
-    xs = x[order]
-    first = np.r_[True, xs[1:] != xs[:-1]]
-    group = first.cumsum()[inverse]                      # 1-based tie-group of each value
-    bounds = np.r_[np.nonzero(first)[0], len(x)]         # start of each group, then the end
-    return 0.5 * (bounds[group - 1] + bounds[group] + 1)
