@@ -18,9 +18,11 @@
    removed in ``finally``, also after an error), under ``torch.no_grad()`` unless
    ``grad=True``. With ``stop_early=True`` the pass ends as soon as every hooked site has
    fired, so later layers and the ``[batch, pos, d_vocab]`` logits are never computed.
-5. **Logits at chosen positions only** (``logits_at=``): the final norm's output
-   (``ln_final.hook_normalized``) is read at the chosen rows, unembedded there
-   (``[n, d_vocab]`` per row instead of ``[pos, d_vocab]``), and the pass stops.
+5. **Logits at chosen positions only** (``logits_at=``): the last block's output
+   (``blocks.{L-1}.hook_resid_post``, after any user hook there) is read at the chosen
+   rows, put through the model's own final norm and unembedding there (``[n, d_vocab]``
+   per row instead of ``[pos, d_vocab]``), and the pass stops. (Not
+   ``ln_final.hook_normalized``: for RMSNorm that hook fires before the norm's weight.)
 
 Example::
 
@@ -50,7 +52,6 @@ from thinklens.hooks import budget as _budget
 from thinklens.hooks.trace import Trace, check_tokenizer
 
 Hook = tuple[str, Callable[..., Any]]
-LOGITS_SITE = "ln_final.hook_normalized"  # input of the unembedding
 
 
 @dataclass(frozen=True)
@@ -176,13 +177,11 @@ def forward(model, batch: Batch, hooks: Sequence[Hook] = (), *, stop_early: bool
         where = _logit_rows(batch, logits_at)
 
         def read_logits(x, hook):
-            if not logits:  # the real pass; later calls (unembedding by user hooks) pass through
-                unembed = model.bridge.unembed
-                logits.extend(unembed(x[j, w]) for j, w in enumerate(where))
-                raise _Stop
-            return x
+            bridge = model.bridge
+            logits.extend(bridge.unembed(bridge.ln_final(x[j, w])) for j, w in enumerate(where))
+            raise _Stop
 
-        wrapped.append((LOGITS_SITE, read_logits))
+        wrapped.append((f"blocks.{model.config.n_layers - 1}.hook_resid_post", read_logits))
     try:
         with torch.set_grad_enabled(grad), model.hooks(wrapped):
             out = model.bridge(batch.ids, attention_mask=batch.mask)

@@ -248,3 +248,26 @@ def test_no_hooks_left_after_exception(qwen2, traces, monkeypatch):
         assert qwen2.n_hooks() == 1
         boom()
     assert qwen2.n_hooks() == 0
+
+
+def test_bf16_capture_agrees_with_fp32(qwen2, qwen2_dir, traces):
+    """Two bf16 paths. Casting at capture (dtype="bfloat16") is the fp32 capture rounded to
+    bf16, exactly. A bf16-loaded model computes in bf16: its residuals agree with fp32 to
+    bf16 precision, |diff| <= 2**-6 * max|x| per layer (about 4 roundings of the 2**-8
+    relative step through attention and MLP), over every layer and position."""
+    import thinklens
+
+    sites = ["blocks.*.hook_resid_post"]
+    ref = qwen2.capture(traces, sites=sites)
+    cast = qwen2.capture(traces, sites=sites, dtype="bfloat16")
+    bf16 = thinklens.load(str(qwen2_dir), dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    low = bf16.capture(traces, sites=sites, dtype="float32")
+    for layer in range(3):
+        key = f"blocks.{layer}.hook_resid_post"
+        want = ref[key].values
+        assert torch.equal(cast[key].values, want.to(torch.bfloat16))
+        got = low[key].values
+        assert got.dtype == torch.float32 and torch.equal(low[key].lengths, ref[key].lengths)
+        err = (got - want).abs().max() / want.abs().max()
+        assert 0 < err <= 2 ** -6, (key, float(err))   # bf16, not fp32, and within bf16

@@ -79,6 +79,22 @@ def test_order_maps_back_and_logits_at_rows(qwen2):
         fwd.run(qwen2, SEQS, logits_at=[[0]])
 
 
+def test_logits_at_use_the_final_norms_weight(qwen2):
+    """A random init leaves the final RMSNorm's weight at ones; set it, so reading the
+    norm's output before its weight (ln_final.hook_normalized) would be caught."""
+    norm = qwen2.hf.model.norm.weight
+    saved = norm.detach().clone()
+    try:
+        with torch.no_grad():
+            norm.copy_(torch.rand_like(norm) * 2)
+        got = fwd.run(qwen2, SEQS, logits_at="last", batch_size=3)
+        for i, s in enumerate(SEQS):
+            torch.testing.assert_close(got[i], ref_rows(qwen2, s, [-1]), atol=1e-5, rtol=0)
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)
+
+
 def ref_rows(model, seq, rows):
     with torch.no_grad():
         return model.hf(torch.tensor([seq])).logits[0, rows]

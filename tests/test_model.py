@@ -7,6 +7,7 @@ import torch
 
 import thinklens
 from thinklens.errors import ModelLoadError, SiteError, UnsupportedArchitectureError
+from thinklens.hooks import forward as fwd
 
 # fp32, eager attention on both sides: the bridge runs the same modules, so logits agree
 # to float rounding. SmolLM2's 30 layers accumulate a little more.
@@ -128,7 +129,13 @@ def test_smollm_residuals_equal_hidden_states(smollm):
     for layer in range(smollm.config.n_layers - 1):  # HF's last entry is after the final norm
         torch.testing.assert_close(cap[f"blocks.{layer}.hook_resid_post"].values[0],
                                    hs[layer + 1][0], atol=1e-4, rtol=0)
-    del ids
+    last = cap[f"blocks.{smollm.config.n_layers - 1}.hook_resid_post"].values[0]
+    with torch.no_grad():  # HF's last entry is the last block's output after the final norm
+        torch.testing.assert_close(smollm.bridge.ln_final(last), hs[-1][0], atol=1e-4, rtol=0)
+    # the next-token logits of a prompt through the forward runner are HF's
+    (got,) = fwd.run(smollm, [ids[0].tolist()], logits_at="last")
+    torch.testing.assert_close(got, _hf_logits(smollm, ids)[0, -1:], atol=LOGIT_ATOL["smollm"],
+                               rtol=0)
 
 
 def test_a_misspelt_organism_is_caught_before_the_hub():
