@@ -34,7 +34,7 @@ from common import command_line, interleaved, machine_info, save, setup_threads,
 
 from thinklens.probes.data import ProbeData, group_split, probe_data
 from thinklens.probes.linear import fit_probe
-from thinklens.probes.sweep import sweep
+from thinklens.probes.sweeps import sweep
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -16,15 +16,15 @@ from thinklens.errors import ConfigError, StoreError
 from ._fileio import sha256
 
 POSITIONS = "__positions__"
-_FORMAT, _VERSION, _MANIFEST = "thinklens.store", 2, "manifest.json"
-_SHARD = re.compile(r"shard-(\d{6,})\.safetensors")
-_TRACES = re.compile(r"shard-(\d{6,})\.traces\.json")
-_DTYPES = {"float64": torch.float64, "float32": torch.float32,
+FORMAT, VERSION, MANIFEST = "thinklens.store", 2, "manifest.json"
+SHARD_NAME = re.compile(r"shard-(\d{6,})\.safetensors")
+TRACES_NAME = re.compile(r"shard-(\d{6,})\.traces\.json")
+STORE_DTYPES = {"float64": torch.float64, "float32": torch.float32,
            "float16": torch.float16, "bfloat16": torch.bfloat16}
-_VERIFY = ("hash", "size", "none")
+VERIFY_MODES = ("hash", "size", "none")
 
 
-def _check_create(create: Any) -> dict[str, Any]:
+def check_create(create: Any) -> dict[str, Any]:
     """Validate ``create=`` and split it into the manifest's fields plus ``meta``."""
     need = ("model_name", "revision", "dtype", "sites")
     if not isinstance(create, dict) or any(k not in create for k in need):
@@ -34,8 +34,8 @@ def _check_create(create: Any) -> dict[str, Any]:
     meta = {k: v for k, v in create.items() if k not in need}
     name, revision, dtype, sites = (create[k] for k in need)
     dtype = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype {create['dtype']!r} cannot be stored; use one of {list(_DTYPES)}")
+    if dtype not in STORE_DTYPES:
+        raise ConfigError(f"dtype {create['dtype']!r} cannot be stored; use one of {list(STORE_DTYPES)}")
     if not isinstance(name, str) or not name or not isinstance(revision, str | None):
         raise ConfigError(f"model_name must be a non-empty string and revision a string or "
                           f"None, got {name!r} and {revision!r}")
@@ -50,17 +50,17 @@ def _check_create(create: Any) -> dict[str, Any]:
             "sites": list(dict.fromkeys(sites)), "meta": meta}
 
 
-def _load_manifest(file: Path) -> dict[str, Any]:
+def load_manifest(file: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(file.read_text())
     except (OSError, ValueError) as e:
         raise StoreError(f"cannot read '{file}' ({e}); it is only ever replaced whole, so it was "
                          "damaged outside thinklens: restore it or use a new --out folder") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"'{file}' is not a thinklens store manifest; use a new --out folder")
-    if manifest.get("version", 0) > _VERSION:
+    if manifest.get("version", 0) > VERSION:
         raise StoreError(f"'{file}' has format version {manifest['version']}, newer than this "
-                         f"thinklens reads ({_VERSION}); upgrade thinklens")
+                         f"thinklens reads ({VERSION}); upgrade thinklens")
     return manifest
 
 

@@ -37,6 +37,7 @@ from thinklens.hooks import forward as fwd
 from thinklens.hooks.activations import ActivationReader
 from thinklens.hooks.dtypes import parse_dtype
 from thinklens.hooks.sites import is_pattern_site
+from thinklens.hooks.store import Store
 from thinklens.hooks.trace import Trace, check_tokenizer
 from thinklens.hooks.trace import positions as select_positions
 
@@ -277,7 +278,6 @@ def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any =
 
 
 def _open_store(model, store, keys, out_dtype, heads):
-    from thinklens.hooks.store import Store
     if isinstance(store, Store):
         return store
     if not isinstance(store, str | Path):

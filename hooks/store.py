@@ -62,32 +62,33 @@ from thinklens.errors import ConfigError, SiteError, StoreError, did_you_mean
 
 from ._fileio import replace_durably, sha256
 from ._store_format import (
-    _DTYPES,
-    _FORMAT,
-    _MANIFEST,
-    _SHARD,
-    _TRACES,
-    _VERIFY,
-    _VERSION,
+    FORMAT,
+    MANIFEST,
     POSITIONS,
-    _check_create,
-    _load_manifest,
+    SHARD_NAME,
+    STORE_DTYPES,
+    TRACES_NAME,
+    VERIFY_MODES,
+    VERSION,
+    check_create,
+    load_manifest,
     shard_problem,
     traces_file,
 )
 from .activations import ActivationReader, ragged_axis
+from .trace import Trace
 
 Record = tuple[str, dict, dict[str, Tensor]]
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     """Steps 4 and 5."""
-    tmp = folder / (_MANIFEST + ".tmp")
+    tmp = folder / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps(manifest, separators=(",", ":")))  # compact: C encoder, small
         f.flush()
         os.fsync(f.fileno())
-    replace_durably(tmp, folder / _MANIFEST)
+    replace_durably(tmp, folder / MANIFEST)
 
 
 class Store(ActivationReader):
@@ -107,7 +108,7 @@ class Store(ActivationReader):
         self.path, self._m = path, manifest  # use Store.open, which validates and verifies
         self.model_name: str = manifest["model_name"]
         self.revision: str | None = manifest["revision"]
-        self.dtype: torch.dtype = _DTYPES[manifest["dtype"]]
+        self.dtype: torch.dtype = STORE_DTYPES[manifest["dtype"]]
         self.sites: list[str] = list(manifest["sites"])  # as created; some may hold no data
         self.meta: dict[str, Any] = dict(manifest["meta"])  # create's extra fields
 
@@ -115,23 +116,23 @@ class Store(ActivationReader):
     def open(cls, path: str | os.PathLike, *, create: dict | None = None,
              verify: str = "hash") -> Store:
         """Open the store at ``path``; with ``create``, start one there if none exists."""
-        if verify not in _VERIFY:
-            raise ConfigError(f"verify={verify!r} is not a mode; use one of {list(_VERIFY)}")
+        if verify not in VERIFY_MODES:
+            raise ConfigError(f"verify={verify!r} is not a mode; use one of {list(VERIFY_MODES)}")
         path = Path(path)
-        spec = _check_create(create) if create is not None else None
+        spec = check_create(create) if create is not None else None
         if path.exists() and not path.is_dir():
             raise StoreError(f"store path '{path}' is a file, not a folder; pass a folder path")
-        if not (path / _MANIFEST).is_file():
+        if not (path / MANIFEST).is_file():
             if spec is None:
-                what = "does not exist" if not path.exists() else f"has no {_MANIFEST}"
+                what = "does not exist" if not path.exists() else f"has no {MANIFEST}"
                 raise StoreError(f"no activation store at '{path}': the folder {what}. Check the "
                                  "path, or pass create={...} to start a new store there")
             path.mkdir(parents=True, exist_ok=True)
-            manifest = {"format": _FORMAT, "version": _VERSION, **spec, "axes": {},
+            manifest = {"format": FORMAT, "version": VERSION, **spec, "axes": {},
                         "shards": [], "traces": []}
             _write_manifest(path, manifest)
             return cls(path, manifest)
-        store = cls(path, _load_manifest(path / _MANIFEST))
+        store = cls(path, load_manifest(path / MANIFEST))
         if spec is not None:
             store._check_compatible(spec)
         bad = store._problems(verify)
@@ -183,7 +184,7 @@ class Store(ActivationReader):
         self._clean_leftovers()
         taken = [int(m.group(1)) for f in [*(s["file"] for s in self._m["shards"]),
                                            *(p.name for p in self.path.iterdir())]
-                 if (m := _SHARD.fullmatch(f))]
+                 if (m := SHARD_NAME.fullmatch(f))]
         name = f"shard-{max(taken, default=-1) + 1:06d}.safetensors"
         first = 1 + max((t["n"] for t in self._m["traces"]), default=-1)
         tensors: dict[str, Tensor] = {}
@@ -214,7 +215,7 @@ class Store(ActivationReader):
                  "traces_bytes": side_tmp.stat().st_size}
         replace_durably(side_tmp, side)
         replace_durably(tmp, final)
-        self._commit({**self._m, "version": _VERSION, "axes": {**self._m["axes"], **new_axes},
+        self._commit({**self._m, "version": VERSION, "axes": {**self._m["axes"], **new_axes},
                       "shards": [*self._m["shards"], shard], "traces": [*self._m["traces"], *entries]})
         return len(entries)
 
@@ -287,8 +288,8 @@ class Store(ActivationReader):
         listed = {f for s in self._m["shards"] for f in (s["file"], s.get("traces_file"))}
         for file in self.path.iterdir():
             name = file.name.removesuffix(".tmp")
-            ours = name == _MANIFEST or _SHARD.fullmatch(name) or _TRACES.fullmatch(name)
-            if ours and (file.name != name or name not in listed | {_MANIFEST}):
+            ours = name == MANIFEST or SHARD_NAME.fullmatch(name) or TRACES_NAME.fullmatch(name)
+            if ours and (file.name != name or name not in listed | {MANIFEST}):
                 file.unlink(missing_ok=True)
 
     def _commit(self, manifest: dict[str, Any]) -> None:
@@ -333,11 +334,7 @@ class Store(ActivationReader):
 
     @property
     def traces(self) -> list:
-        """``Trace`` objects (the raw dicts while ``thinklens.hooks.trace`` is absent)."""
-        try:
-            from thinklens.hooks.trace import Trace
-        except ImportError:
-            return self.trace_dicts
+        """The stored traces as ``Trace`` objects (``trace_dicts`` has the raw dicts)."""
         return [Trace.from_dict(d) for d in self.trace_dicts]
 
     def __contains__(self, trace_id: object) -> bool:

@@ -38,7 +38,7 @@ from thinklens.probes.steering import (
     steer,
     steering_vector,
 )
-from thinklens.probes.sweep import SweepResult, sweep
+from thinklens.probes.sweeps import SweepResult, sweep
 
 __all__ = ["ProbeData", "probe_data", "probe_data_at", "split_traces", "group_split",
            "class_balance", "fit_probe", "ProbeResult",

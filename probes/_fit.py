@@ -1,5 +1,5 @@
 """The batched fitting core shared by :func:`~thinklens.probes.linear.fit_probe` and
-:func:`~thinklens.probes.sweep.sweep`: many feature sets (sites) times many label sets
+:func:`~thinklens.probes.sweeps.sweep`: many feature sets (sites) times many label sets
 (the real labels and a shuffled control) in one computation.
 
 1. **Standardise** (:func:`standardize`) each site's features with the mean and standard

@@ -18,7 +18,7 @@ from thinklens.probes import metrics as M
 from thinklens.probes.data import ProbeData, group_split
 from thinklens.probes.linear import fit_probe
 from thinklens.probes.metrics import pearson, spearman
-from thinklens.probes.sweep import sweep
+from thinklens.probes.sweeps import sweep
 
 # ---- correlations ------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from thinklens.probes.data import (
     split_traces,
 )
 from thinklens.probes.linear import fit_probe
-from thinklens.probes.sweep import sweep
+from thinklens.probes.sweeps import sweep
 from thinklens.zoo.evaluate import heldout_problems
 from thinklens.zoo.organism import token_truth
 

@@ -229,7 +229,7 @@ def test_builder_escapes_and_checks(tmp_path):
 def test_study_restores_torch_threads(organism):
     import torch
 
-    from thinklens.report.study import _one_thread
+    from thinklens.report.studies import _one_thread
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

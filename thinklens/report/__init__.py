@@ -10,6 +10,6 @@ Example::
 """
 
 from thinklens.report.page import Figure, Report, Section, Table
-from thinklens.report.study import report, study
+from thinklens.report.studies import report, study
 
 __all__ = ["report", "study", "Report", "Section", "Table", "Figure"]

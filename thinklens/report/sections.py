@@ -1,4 +1,4 @@
-"""The report's sections, each computed with the public thinklens APIs (see :mod:`.study`)."""
+"""The report's sections, each computed with the public thinklens APIs (see :mod:`.studies`)."""
 
 from __future__ import annotations
 
