@@ -271,6 +271,28 @@ def test_a_prompts_file_with_field_labels(tmp_path, monkeypatch):
     balance = depth["summary"]["class_balance"]  # [class, rows] on each side of the split
     assert sum(n for _, n in balance["train"] + balance["test"]) == 16
     assert {c for c, _ in balance["train"]} == {1, 3}
-    assert SweepResult.from_dict(depth["result"]).balance == {
-        side: dict(v) for side, v in balance.items()}
+    per_class = {c: 0 for c in (1, 3)}
+    for c, n in balance["train"] + balance["test"]:
+        per_class[c] += n
+    assert per_class == {1: 8, 3: 8}  # the prompts file: 8 problems of each depth
+    assert sum(n for _, n in balance["test"]) == depth["summary"]["n_test_traces"] == 4  # 25 %
     assert summary["probes"]["answer"]["control"] is None
+
+
+def test_task_labels_of_another_model_are_checked_once_it_is_loaded():
+    """For a model with no registered task a ``TASK.KEY`` name passes parsing (its task is
+    unknown until loading), and is refused against the loaded model's task, naming the
+    valid labels."""
+    from thinklens.hooks.task import task_named
+    from thinklens.jobs import labels
+
+    raw = {"out": "x", "model": {"spec": "some/hub-model"}, "prompts": {"organism": {"n": 3}},
+           "probe": [{"name": "a", "labels": "organism.value"}]}
+    assert parse(raw, Path("."))["probe"][0]["labels"] == "organism.value"
+    with pytest.raises(ConfigError, match=r"unknown labels 'organism.value' \(a task's label "
+                                          r"set, and this model has no registered task\)\. "
+                                          r"Valid: answer, tag, field:KEY"):
+        labels.check("organism.value", None)
+    labels.check("organism.value", task_named("organism"))  # the organism has it
+    with pytest.raises(ConfigError, match="Did you mean 'organism.variable'"):
+        labels.check("organism.variabel", task_named("organism"))
