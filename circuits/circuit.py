@@ -41,6 +41,7 @@ from thinklens.circuits.metrics import check_rows, normalize
 from thinklens.circuits.pairs import Pair, input_tokens
 from thinklens.circuits.results import AttributionResult
 from thinklens.errors import ConfigError
+from thinklens.hooks import forward
 from thinklens.hooks._fileio import atomic_write_text
 
 __all__ = ["Circuit", "FaithfulnessCurve", "faithfulness_curve"]
@@ -274,19 +275,28 @@ def faithfulness_curve(model: Any, pair: Pair, circuit: Circuit,
 
 
 def _mean_outputs(model: Any, inputs: Sequence[Any], n: int) -> Tensor:
-    """``[S, n | 1, d_model]``: mean sender outputs over ``inputs``."""
+    """``[S, n | 1, d_model]``: mean sender outputs over ``inputs``, run in padded batches
+    (:mod:`thinklens.hooks.forward`; each input's padding is cut off before averaging)."""
     if isinstance(inputs, str | Pair) or not inputs:
         raise ConfigError("mean_over: give a list of inputs (text, token ids or Traces) to "
                           "average the senders' outputs over")
+    seqs = [input_tokens(model, x, f"mean_over[{k}]")[0] for k, x in enumerate(inputs)]
     weights = _edges.layer_weights(model)
-    outs = []
-    for k, x in enumerate(inputs):
-        ids = torch.tensor(input_tokens(model, x, f"mean_over[{k}]")[0])[None]
-        acts: dict[str, Tensor] = {}
+    sites = model.sites(list(_edges.SENDER_SITES))
+    outs: list[Tensor] = [torch.empty(0)] * len(seqs)
+    acts: dict[str, Tensor] = {}
+
+    def hooks(batch: forward.Batch) -> list:
+        acts.clear()
         rec = _engine.recorder(acts)
-        _engine.run_answer(model, ids, ids.shape[1] - 1,
-                           [rec(s) for s in model.sites(list(_edges.SENDER_SITES))])
-        outs.append(_edges.sender_outputs(acts, weights)[0])
+        return [rec(s) for s in sites]
+
+    def after(batch: forward.Batch) -> None:
+        out = _edges.sender_outputs(acts, weights)                 # [b, S, pos, d_model]
+        for j, i in enumerate(batch.rows):
+            outs[i] = out[j, :, :int(batch.lengths[j])]
+
+    forward.run(model, seqs, hooks, after=after)
     if all(o.shape[1] >= n for o in outs):
         return torch.stack([o[:, :n] for o in outs]).mean(0)
     return torch.cat(outs, 1).mean(1, keepdim=True)

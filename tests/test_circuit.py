@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_attribution import EDGES, _hand_edge, lookup_pair
 
-from thinklens.circuits import Circuit, eap, faithfulness_curve, make_pair
+import thinklens
+from thinklens.circuits import Circuit, _edges, atp, eap, faithfulness_curve, make_pair
 from thinklens.circuits.metrics import logit_diff
 from thinklens.errors import ConfigError
 from thinklens.plots import plot_circuit, plot_faithfulness
@@ -47,6 +48,34 @@ def test_all_edges_is_the_clean_run_and_none_the_corrupted_run(organism, qwen2, 
     torch.testing.assert_close(q.values, torch.tensor([full.clean, full.corrupt]), **TIGHT)
 
 
+def test_all_edges_is_the_clean_run_on_qwen3(qwen3_dir):
+    """Qwen3 normalises each head's q and k (q_norm, k_norm) after the projection. The edge
+    run rebuilds the projection from the receiver's own residual copy and the norms still
+    apply after it, so every edge kept gives the clean run's logits, none the corrupted
+    run's, and EAP's node effects are AtP's."""
+    model = thinklens.load(str(qwen3_dir))
+    assert hasattr(model.bridge.blocks[0].attn, "q_norm")
+    pair = make_pair(model, "a = 7 ; b = a + 2 ; ? b", "a = 5 ; b = a + 2 ; ? b",
+                     answer="9", wrong="7")
+    full = eap(model, pair)
+    graph, n = full.graph, pair.answer_pos + 1
+    _, corrupt = model.bridge.run_with_cache(pair.corrupt_ids[None])
+    ablated = _edges.sender_outputs(dict(corrupt), _edges.layer_weights(model))[0, :, :n]
+    keep = torch.stack([graph.valid, torch.zeros_like(graph.valid)])
+    logits, _ = _edges.edge_run(model, graph, pair.clean_ids[None, :n].expand(2, -1),
+                                keep=keep, ablated=ablated)
+    with torch.no_grad():
+        want = torch.stack([model.bridge(ids[None])[0, pair.answer_pos]
+                            for ids in (pair.clean_ids, pair.corrupt_ids)])
+    torch.testing.assert_close(logits, want, **TIGHT)
+    assert (want[0] - want[1]).abs().max() > 1e-2  # the two runs differ: the check can fail
+    q = faithfulness_curve(model, pair, full, sizes=[full.n_edges, 0])
+    torch.testing.assert_close(q.values, torch.tensor([full.clean, full.corrupt]), **TIGHT)
+    torch.testing.assert_close(full.node_effects("z").values,
+                               atp(model, pair, "z", by=("layer", "head")).values,
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_removing_one_edge_equals_a_hand_made_edge_patch(organism, look_pair, scored):
     """Noising one edge u -> v: v alone reads u's corrupted output, the rest is clean."""
     moved = []
@@ -64,13 +93,18 @@ def test_removing_one_edge_equals_a_hand_made_edge_patch(organism, look_pair, sc
     assert max(moved) > 1  # the agreement is not the trivial one of edges that do nothing
 
 
-def test_mean_ablation_of_everything_equals_a_hand_made_mean_run(organism, look_pair, scored):
+@pytest.mark.parametrize("lengths", [(34, 34, 34), (34, 12, 20)])
+def test_mean_ablation_of_everything_equals_a_hand_made_mean_run(organism, look_pair, scored,
+                                                                  lengths):
     """With every edge ablated to the mean, the logits read the sum of the senders' mean
-    outputs (the organism has no biases): built here from the Hugging Face modules."""
-    others = [change_constant(organism, PROMPT, "a", k, thinking="clean").corrupt_ids[:34]
-              for k in (1, 2, 5)]
+    outputs (the organism has no biases): built here from the Hugging Face modules, one
+    input at a time. Inputs all as long as the pair: a mean per position; one shorter
+    (12 < answer position): one mean over every position of every input. The library
+    runs them as one padded batch."""
+    others = [change_constant(organism, PROMPT, "a", k, thinking="clean").corrupt_ids[:n]
+              for k, n in zip((1, 2, 5), lengths)]
     hf, d, n_heads = organism.hf.model, organism.config.d_head, organism.config.n_heads
-    total = 0
+    outs = []
     for ids in others:
         _, cache = organism.bridge.run_with_cache(ids[None])
         out = cache["blocks.0.hook_resid_pre"][0].clone()
@@ -79,15 +113,21 @@ def test_mean_ablation_of_everything_equals_a_hand_made_mean_run(organism, look_
             w_o = hf.layers[layer].self_attn.o_proj.weight.view(-1, n_heads, d)
             out += sum(z[:, h] @ w_o[:, h].T for h in range(n_heads))
             out += cache[f"blocks.{layer}.hook_mlp_out"][0]
-        total = total + out / len(others)
+        outs.append(out)
+    if min(lengths) > look_pair.answer_pos:
+        total = torch.stack([o[:34] for o in outs]).mean(0)[look_pair.answer_pos]
+    else:
+        total = torch.cat(outs).mean(0)
     with torch.no_grad():
-        logits = organism.hf.lm_head(hf.norm(total))[look_pair.answer_pos][None]
+        logits = organism.hf.lm_head(hf.norm(total))[None]
     want = logit_diff(look_pair.answer, look_pair.wrong)(logits)[0].item()
     curve = faithfulness_curve(organism, look_pair, scored, sizes=[0, 11, scored.n_edges],
                                ablation="mean", mean_over=others)
     torch.testing.assert_close(curve.empty, want, **TIGHT)
     torch.testing.assert_close(curve.faithfulness[[0, 2]], torch.tensor([0.0, 1.0]), **TIGHT)
-    assert curve.ablation == "mean" and curve.faithfulness[1] > 0.5
+    assert curve.ablation == "mean"
+    if lengths == (34, 34, 34):
+        assert curve.faithfulness[1] > 0.5  # the 11 lookup edges also carry a mean-ablated run
 
 
 def test_top_and_threshold(scored):
