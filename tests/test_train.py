@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,13 @@ from thinklens.zoo.train import TrainConfig, train
 
 SMALL = dict(steps=8, ckpt_every=2, batch_size=8, eval_per_depth=8, d_model=32, n_layers=1,
              n_heads=2, d_mlp=64, threads=1)
-SCRIPT = ("import sys, time; from thinklens.zoo import train as T\n"
-          "real = T.save_weights\n"
-          "def slow(*a, **k):\n    real(*a, **k); time.sleep(0.6)\n"
-          "T.save_weights = slow\n"
+# SIGKILL at a named step: right after the second checkpoint's weights are written, before
+# its optimizer state and log (so the resume must redo steps 3-4 from the step-2 state)
+SCRIPT = ("import os, signal, sys; from thinklens.zoo import train as T\n"
+          "real, saved = T.save_weights, []\n"
+          "def killing(*a, **k):\n    real(*a, **k); saved.append(1)\n"
+          "    if len(saved) == 2:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+          "T.save_weights = killing\n"
           f"T.train(T.TrainConfig(**{SMALL!r}), sys.argv[1], progress=False)\n")
 
 
@@ -48,15 +50,10 @@ def test_same_seed_same_weights(reference, tmp_path):
 
 def test_killed_run_resumes_to_identical_weights(reference, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(out)])
-    deadline = time.time() + 120
-    while not (out / "state.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.kill()
-    proc.wait()
-    steps_done = len(_log(out)) if (out / "log.jsonl").exists() else 0
-    assert steps_done < 4, "the kill should land before the run finished"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], timeout=300)
+    assert proc.returncode == -9, "the run should have been killed at its second checkpoint"
+    assert [r["step"] for r in _log(out)] == [2], "killed before step 4's state and log"
+    assert (out / "step-000004" / "model.safetensors").exists()
     train(TrainConfig(**SMALL), out, progress=False)  # resume in this process
     a, b = _weights(reference / "step-000008"), _weights(out / "step-000008")
     assert all((a[k] == b[k]).all() for k in a)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from thinklens.errors import ConfigError
+from thinklens.hooks._fileio import atomic_path, atomic_write_json, atomic_write_text
 from thinklens.zoo.task import Problem, TaskConfig, generate
 from thinklens.zoo.vocab import SPECIALS, SYMBOLS, build_tokenizer
 
@@ -130,15 +131,12 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def save_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype = torch.float32) -> None:
@@ -255,5 +253,5 @@ def ship(run: Path, dest: Path, steps: list[int], final: int | None = None) -> N
         target.parent.mkdir(parents=True, exist_ok=True)
         save_weights(model, target, dtype=torch.float16)
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line]
-    (dest / "curve.json").write_text(json.dumps(rows, indent=0))
-    (dest / "train_config.json").write_text(json.dumps(cfg, indent=1))
+    atomic_write_json(dest / "curve.json", rows, indent=0)
+    atomic_write_json(dest / "train_config.json", cfg, indent=1)
