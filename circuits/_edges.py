@@ -35,7 +35,9 @@ from thinklens.errors import ConfigError
 
 
 @dataclass
-class _Layer:
+class LayerWeights:
+    """One block's norms and attention weights, as :func:`edge_run` rebuilds receivers."""
+
     ln1: nn.Module
     ln2: nn.Module
     proj: dict[str, tuple[Tensor, Tensor | None]]  # q/k/v: weight [n, d_head, d_model], bias
@@ -46,7 +48,7 @@ def _orig(module: Any) -> nn.Module:
     return getattr(module, "original_component", None) or module
 
 
-def layer_weights(model: Any) -> list[_Layer]:
+def layer_weights(model: Any) -> list[LayerWeights]:
     """Norms and per-head projections of every block, read from the bridge."""
     cfg, out = model.config, []
     for block in model.bridge.blocks:
@@ -61,7 +63,7 @@ def layer_weights(model: Any) -> list[_Layer]:
             bias = None if lin.bias is None else lin.bias.view(n, cfg.d_head)
             proj[kind] = (lin.weight.view(n, cfg.d_head, cfg.d_model), bias)
         w_o = _orig(attn.o).weight.view(cfg.d_model, cfg.n_heads, cfg.d_head)
-        out.append(_Layer(_orig(block.ln1), _orig(block.ln2), proj, w_o))
+        out.append(LayerWeights(_orig(block.ln1), _orig(block.ln2), proj, w_o))
     return out
 
 
@@ -70,7 +72,7 @@ def head_outputs(z: Tensor, w_o: Tensor) -> Tensor:
     return torch.einsum("bphe,dhe->bphd", z, w_o.to(z.dtype))
 
 
-def sender_outputs(acts: dict[str, Tensor], weights: list[_Layer]) -> Tensor:
+def sender_outputs(acts: dict[str, Tensor], weights: list[LayerWeights]) -> Tensor:
     """``[b, S, pos, d_model]`` from recorded ``resid_pre 0``, ``hook_z``, ``hook_mlp_out``."""
     out = [acts["blocks.0.hook_resid_pre"][:, None]]
     with torch.no_grad():

@@ -6,8 +6,9 @@ Every analysis in :mod:`thinklens.circuits` runs a clean/corrupted
 1. :func:`run_pair` runs the *base* input (the one patched into: the corrupted run when
    denoising, the clean run when noising) and the *source* input once each, recording
    the activations asked for (:func:`recorder`); it resolves the metric
-   (:mod:`thinklens.circuits.metrics`) and reads its clean and corrupted values into a
-   :class:`PairRuns`.
+   (:func:`resolve`: a name of :data:`METRIC_NAMES` or a callable) and reads its clean
+   and corrupted values into a :class:`PairRuns`. Every metric output is checked to be
+   one float per batch row (:func:`check_rows`): patched runs share a batch.
 2. Patched runs are rows of one batch of copies of the base input, chunked to a memory
    budget (:func:`rows_per_pass`, :func:`chunked`).
 3. :func:`run_answer` runs one such batch and unembeds the answer position only
@@ -47,6 +48,7 @@ SITE_KINDS = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid",
               "mlp_out": "hook_mlp_out", "z": "attn.hook_z", "q": "attn.hook_q",
               "k": "attn.hook_k", "v": "attn.hook_v", "pattern": "attn.hook_pattern"}
 DIRECTIONS = ("denoising", "noising")
+METRIC_NAMES = ("logit_diff", "normalized_logit_diff", "prob", "kl")
 _MAX_ROWS = 128  # more rows per pass stop paying off on CPU and crowd the KV-prefix reuse
 
 
@@ -70,6 +72,46 @@ class PairRuns:
     acts_base: dict[str, Tensor] = field(default_factory=dict)
     acts_src: dict[str, Tensor] = field(default_factory=dict)
     cache: Any = None
+
+
+def check_rows(out: object, n: int, name: str) -> Tensor:
+    """``out`` as a float tensor of shape ``(n,)``, or a ConfigError saying how to fix it."""
+    if not isinstance(out, Tensor) or out.shape != (n,) or not out.is_floating_point():
+        got = (f"shape {tuple(out.shape)} and dtype {out.dtype}" if isinstance(out, Tensor)
+               else f"a {type(out).__name__}")
+        raise ConfigError(
+            f"metric {name!r} returned {got} for a batch of {n} rows; it must return one "
+            f"float per row, shape ({n},). Patched runs share a batch, so do not average "
+            "over it: e.g. lambda logits: logits[:, answer] - logits[:, wrong] "
+            "(logits are [batch, d_vocab] at the answer position)")
+    return out
+
+
+def resolve(metric: str | metrics.MetricFn, *, answer: int | None, wrong: int | None,
+            clean: Tensor, corrupt: Tensor) -> tuple[str, metrics.MetricFn]:
+    """(name, fn) for a metric name or callable; ``clean``/``corrupt``: ``[d_vocab]`` logits."""
+    if callable(metric):
+        name = getattr(metric, "name", getattr(metric, "__name__", "metric"))
+        return name, metric
+    if metric not in METRIC_NAMES:
+        raise ConfigError(f"unknown metric {metric!r}.{did_you_mean(str(metric), METRIC_NAMES)}"
+                          f" Valid names: {', '.join(METRIC_NAMES)}, or a callable "
+                          "logits [batch, d_vocab] -> [batch]")
+    if metric == "kl":
+        return "kl", metrics.kl_to(clean)
+    need = ["answer"] if metric == "prob" else ["answer", "wrong"]
+    missing = [k for k in need if {"answer": answer, "wrong": wrong}[k] is None]
+    if missing:
+        raise ConfigError(f"metric {metric!r} needs the pair's {' and '.join(missing)} token; "
+                          "make the pair with make_pair(model, clean, corrupt, answer=' Mary', "
+                          "wrong=' John')")
+    if metric == "prob":
+        return "prob", metrics.answer_prob(answer)
+    base = metrics.logit_diff(answer, wrong)
+    if metric == "logit_diff":
+        return "logit_diff", base
+    both = base(torch.stack([clean, corrupt]))
+    return metric, metrics.normalized(base, float(both[0]), float(both[1]))
 
 
 def layout_of(site: str) -> str:
@@ -196,9 +238,9 @@ def run_pair(model: Any, pair: Pair, metric: Any, direction: str, record_base: S
                                     [rec_b(s) for s in record_base], want_cache=want_cache)
     src_logits, _ = run_answer(model, src, pair.answer_pos, [rec_s(s) for s in record_src])
     lc, lx = (src_logits, base_logits) if direction == "denoising" else (base_logits, src_logits)
-    name, fn = metrics.resolve(metric, answer=pair.answer, wrong=pair.wrong, clean=lc[0],
+    name, fn = resolve(metric, answer=pair.answer, wrong=pair.wrong, clean=lc[0],
                                corrupt=lx[0])
-    both = metrics.check_rows(fn(torch.cat([lc, lx])), 2, name).detach().cpu()
+    both = check_rows(fn(torch.cat([lc, lx])), 2, name).detach().cpu()
     if cache is not None and any(getattr(cache, "is_sliding", None) or []):
         cache = None  # sliding-window layers crop differently; run every token instead
     return PairRuns(base, name, fn, float(both[0]), float(both[1]),

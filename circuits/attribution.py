@@ -65,7 +65,6 @@ import torch
 from thinklens.circuits import _edges, _engine
 from thinklens.circuits.circuit import Circuit
 from thinklens.circuits.graph import Graph
-from thinklens.circuits.metrics import check_rows
 from thinklens.circuits.pairs import Pair
 from thinklens.circuits.results import AttributionResult
 from thinklens.errors import ConfigError
@@ -88,7 +87,7 @@ def _grad_run(model: Any, ids: Any, names: list[str], fn: Any, name: str) -> tup
     fwd += [(n, lambda a, hook, n=n: keep(a, hook, n)) for n in names]
     with torch.enable_grad(), model.hooks(fwd):
         logits = model.bridge(ids.to(model.device))[:, -1]
-        m = check_rows(fn(logits), 1, name)
+        m = _engine.check_rows(fn(logits), 1, name)
         grads = torch.autograd.grad(m.sum(), [acts[n] for n in names], allow_unused=True)
     return ({n: a.detach() for n, a in acts.items()},
             {n: torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads)})
@@ -194,7 +193,7 @@ def eap(model: Any, pair: Pair, *, steps: int | None = None, metric: Any = "logi
             inputs = (x_s + frac.to(x_s)[:, None, None] * (x_b - x_s)).to(u_base.dtype)
         ids = ctx.base[:, :n].expand(len(frac), -1)
         logits, recv = _edges.edge_run(model, graph, ids, inputs=inputs, grad=True)
-        m = check_rows(ctx.fn(logits), len(frac), ctx.name)
+        m = _engine.check_rows(ctx.fn(logits), len(frac), ctx.name)
         grads = torch.autograd.grad(m.sum(), recv, allow_unused=True)
         g = _edges.receiver_grads(recv, grads).sum(0).detach()
         grad_sum = g if grad_sum is None else grad_sum + g

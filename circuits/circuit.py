@@ -37,7 +37,7 @@ from torch import Tensor
 
 from thinklens.circuits import _edges, _engine
 from thinklens.circuits.graph import Graph
-from thinklens.circuits.metrics import check_rows, normalize
+from thinklens.circuits.metrics import normalize
 from thinklens.circuits.pairs import Pair, input_tokens
 from thinklens.circuits.results import AttributionResult
 from thinklens.errors import ConfigError
@@ -330,7 +330,7 @@ def _evaluate(model: Any, pair: Pair, circuit: Circuit, masks: list[Tensor], abl
         keep = torch.stack([rows[i] for i in idx])
         ids = ctx.base[:, :n].expand(len(idx), -1)
         logits, _ = _edges.edge_run(model, graph, ids, keep=keep, ablated=ablated)
-        out[idx] = check_rows(ctx.fn(logits), len(idx), ctx.name).float().cpu()
+        out[idx] = _engine.check_rows(ctx.fn(logits), len(idx), ctx.name).float().cpu()
     empty, full = float(out[0]), ctx.clean
     values = out[1:]
     faith = normalize(values, full, empty, what=f"metric {ctx.name!r} (every edge kept vs none)")

@@ -3,7 +3,8 @@
 A metric takes ``logits: Float[Tensor, "batch d_vocab"]`` (the next-token logits at the
 pair's answer position) and returns ``Float[Tensor, "batch"]``. The patching engine runs
 many patched copies of one input as one batch, so a metric that averages over the batch
-(returns a scalar) would mix independent runs; :func:`check_rows` refuses it.
+(returns a scalar) would mix independent runs; the engine refuses it
+(:func:`thinklens.circuits._engine.check_rows`).
 
 1. Logit difference ``logit[answer] - logit[wrong]`` (Wang et al. 2022, IOI).
 2. Normalised: ``(m - m_corrupt) / (m_clean - m_corrupt)``: 0 = the corrupted run's value,
@@ -20,14 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from thinklens.errors import ConfigError, did_you_mean
+from thinklens.errors import ConfigError
 
 MetricFn = Callable[[Float[Tensor, "batch d_vocab"]], Float[Tensor, "batch"]]  # noqa: F821
-METRIC_NAMES = ("logit_diff", "normalized_logit_diff", "prob", "kl")
 
 
 @dataclass(frozen=True)
@@ -82,43 +81,3 @@ def normalized(metric: MetricFn, clean: float, corrupt: float) -> Metric:
     name = getattr(metric, "name", getattr(metric, "__name__", "metric"))
     normalize(0.0, clean, corrupt, what=f"metric {name!r}")  # refuse now, not at each call
     return Metric(f"normalized_{name}", lambda lg: normalize(metric(lg), clean, corrupt))
-
-
-def check_rows(out: object, n: int, name: str) -> Tensor:
-    """``out`` as a float tensor of shape ``(n,)``, or a ConfigError saying how to fix it."""
-    if not isinstance(out, Tensor) or out.shape != (n,) or not out.is_floating_point():
-        got = (f"shape {tuple(out.shape)} and dtype {out.dtype}" if isinstance(out, Tensor)
-               else f"a {type(out).__name__}")
-        raise ConfigError(
-            f"metric {name!r} returned {got} for a batch of {n} rows; it must return one "
-            f"float per row, shape ({n},). Patched runs share a batch, so do not average "
-            "over it: e.g. lambda logits: logits[:, answer] - logits[:, wrong] "
-            "(logits are [batch, d_vocab] at the answer position)")
-    return out
-
-
-def resolve(metric: str | MetricFn, *, answer: int | None, wrong: int | None,
-            clean: Tensor, corrupt: Tensor) -> tuple[str, MetricFn]:
-    """(name, fn) for a metric name or callable; ``clean``/``corrupt``: ``[d_vocab]`` logits."""
-    if callable(metric):
-        name = getattr(metric, "name", getattr(metric, "__name__", "metric"))
-        return name, metric
-    if metric not in METRIC_NAMES:
-        raise ConfigError(f"unknown metric {metric!r}.{did_you_mean(str(metric), METRIC_NAMES)}"
-                          f" Valid names: {', '.join(METRIC_NAMES)}, or a callable "
-                          "logits [batch, d_vocab] -> [batch]")
-    if metric == "kl":
-        return "kl", kl_to(clean)
-    need = ["answer"] if metric == "prob" else ["answer", "wrong"]
-    missing = [k for k in need if {"answer": answer, "wrong": wrong}[k] is None]
-    if missing:
-        raise ConfigError(f"metric {metric!r} needs the pair's {' and '.join(missing)} token; "
-                          "make the pair with make_pair(model, clean, corrupt, answer=' Mary', "
-                          "wrong=' John')")
-    if metric == "prob":
-        return "prob", answer_prob(answer)
-    base = logit_diff(answer, wrong)
-    if metric == "logit_diff":
-        return "logit_diff", base
-    both = base(torch.stack([clean, corrupt]))
-    return metric, normalized(base, float(both[0]), float(both[1]))

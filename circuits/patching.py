@@ -36,7 +36,6 @@ from torch import Tensor
 
 from thinklens.circuits import _engine
 from thinklens.circuits._engine import SITE_KINDS, PairRuns
-from thinklens.circuits.metrics import check_rows
 from thinklens.circuits.pairs import Pair
 from thinklens.circuits.results import PatchResult
 
@@ -108,7 +107,7 @@ def patch(model: Any, pair: Pair, site: str = "resid_pre", *,
             continue  # patches after the answer position cannot change its logits
         logits = _run_cells(model, ctx, pair, layout, [names[int(i)] for i in cells[idx, 0]],
                             cell_pos[idx], None if cell_head is None else cell_head[idx], p0)
-        out[idx] = check_rows(ctx.fn(logits), len(idx), ctx.name).float().cpu()
+        out[idx] = _engine.check_rows(ctx.fn(logits), len(idx), ctx.name).float().cpu()
     shape = [len(g) for g in grid]
     names_ax = tuple("kv_head" if a == "head" and layout == "kv" else a for a in axes)
     pos_labels = [f"{i}:{t}" for i, t in enumerate(pair.labels())]

@@ -32,14 +32,14 @@ import torch
 
 from thinklens.circuits import _engine
 from thinklens.circuits._engine import PairRuns, layout_of, put, run_answer
-from thinklens.circuits.metrics import check_rows
 from thinklens.circuits.pairs import Pair
 from thinklens.circuits.results import PatchResult
 from thinklens.errors import ConfigError
 
-__all__ = ["path_patch", "Node"]
+__all__ = ["path_patch"]
 
-Node = tuple[int, int] | tuple[int, int, str] | str
+# a head (layer, head), a head input (layer, head, "q" | "k" | "v"), or a site name
+_Node = tuple[int, int] | tuple[int, int, str] | str
 
 
 def _node(model: Any, node: Any, receiver: bool) -> tuple[str, int | None]:
@@ -117,8 +117,8 @@ def _two_passes(model: Any, ctx: PairRuns, pair: Pair, groups: list[list], recv:
     return logits
 
 
-def path_patch(model: Any, pair: Pair, senders: str | Sequence[Any], receivers: Sequence[Any],
-               *, metric: Any = "logit_diff", direction: str = "noising",
+def path_patch(model: Any, pair: Pair, senders: str | Sequence[_Node | list[_Node]],
+               receivers: Sequence[_Node], *, metric: Any = "logit_diff", direction: str = "noising",
                freeze_mlps: bool = False, batch_size: int | None = None, budget: Any = None,
                progress: bool | None = None) -> PatchResult:
     """Path patching from each sender (or sender group) to ``receivers`` together.
@@ -154,7 +154,7 @@ def path_patch(model: Any, pair: Pair, senders: str | Sequence[Any], receivers: 
     step = _engine.rows_per_pass(model, len(pair), batch_size, budget)
     for chunk in _engine.chunked(list(range(len(groups))), step, progress, "path patching"):
         logits = _two_passes(model, ctx, pair, [groups[g] for g in chunk], recv, frozen)
-        out[chunk] = check_rows(ctx.fn(logits), len(chunk), ctx.name).detach().float().cpu()
+        out[chunk] = _engine.check_rows(ctx.fn(logits), len(chunk), ctx.name).detach().float().cpu()
     about = f"path -> {', '.join(map(str, receivers))}"
     if grid:
         return PatchResult(out.reshape(cfg.n_layers, cfg.n_heads), ("layer", "head"),

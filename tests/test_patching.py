@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import pandas as pd
 import pytest
 import torch
@@ -19,6 +21,9 @@ SMOL = {"atol": 1e-4, "rtol": 0}   # SmolLM2, fp32: batched matmuls round differ
 PROMPT = "c = b + 4 ; a = 7 ; b = a - 2 ; ? c"
 IOI = ("When John and Mary went to the store, John gave a drink to",
        "When Mary and John went to the store, Mary gave a drink to")
+
+
+VALUES = typing.get_type_hints(PatchResult)["values"]
 
 
 def reference(model, pair, kind, setter, cells=None, axes=None):
@@ -71,6 +76,8 @@ def test_equals_transformer_lens_on_gqa_model(qwen2, tiny_pair, site, kind, sett
             3: (3, len(tiny_pair), n_heads)}[len(axes)]
     assert ours.values.shape == want
     torch.testing.assert_close(ours.values, ref, **TIGHT)
+    # the annotation Float[Tensor, "*axes"]: float values, one axis per name in axes
+    assert isinstance(ours.values, VALUES) and ours.values.ndim == len(ours.axes)
 
 
 def test_kv_patching_of_gqa_model_equals_a_hand_made_patch(qwen2, tiny_pair):
@@ -272,6 +279,11 @@ def test_errors(organism, org_pair):
         change_constant(organism, "c = b + 4 ; a = 7 ; b = a - 2 ; d = 1 ; ? c", "d", 2)
     with pytest.raises(ConfigError, match=r"bad receiver \(1, 0\)"):
         path_patch(organism, org_pair, [(0, 0)], [(1, 0)])
+    same = PatchResult(torch.zeros(2), ("layer",), {"layer": [0, 1]}, "logit_diff", 1.0, 1.0,
+                       "resid_pre", "denoising")
+    with pytest.raises(ConfigError, match=r"cannot normalise: metric 'logit_diff' is 1 on both"):
+        same.normalized()
+    assert not isinstance(torch.zeros(2, dtype=torch.long), VALUES)
     assert organism.n_hooks() == 0
 
 
