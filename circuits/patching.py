@@ -20,6 +20,12 @@ Nanda 2024 ("How to use and interpret activation patching"):
    < p0 and runs tokens p0.. only; only the answer position is unembedded.
 5. The metric (:mod:`thinklens.circuits.metrics`) maps each row's answer logits to a scalar.
 
+The runs, recordings, site names and the setter are the shared engine's
+(:mod:`thinklens.circuits._engine`). These runs do not go through the padded-batch
+forward runner (:mod:`thinklens.hooks.forward`): every row is a copy of one pair, so
+there is nothing to pad, and the runner would give up the KV-cache prefix of step 4
+(it neither takes nor returns a cache).
+
 Grouped-query attention: ``hook_k``/``hook_v`` hold ``n_kv_heads`` heads (not expanded)
 and one KV head feeds ``n_heads / n_kv_heads`` query heads, so k and v are patched per KV
 head (axis ``kv_head``): patching one changes what every query head of its group reads.
