@@ -13,9 +13,10 @@ Every analysis in :mod:`thinklens.circuits` runs a clean/corrupted
    budget (:func:`rows_per_pass`, :func:`chunked`).
 3. :func:`run_answer` runs one such batch and unembeds the answer position only
    (``logits_to_keep``), optionally after a KV-cache prefix of the tokens no row changes.
-   These runs are all the same length (copies of one pair), so they need no padding: the
-   padded-batch forward runner of :mod:`thinklens.hooks` has nothing to add here, and it
-   would lose the KV-prefix reuse and the answer-only unembedding.
+   These rows are all the same length (copies of one pair), so they need no padding, and
+   the padded-batch forward runner (:mod:`thinklens.hooks.forward`) neither takes nor
+   returns a KV cache: these runs bypass it. Inputs of different lengths (the mean
+   ablation's ``mean_over`` in :mod:`thinklens.circuits.circuit`) go through the runner.
 4. Sites are named by kind (:data:`SITE_KINDS`) or by hook names (:func:`site_kind`);
    their tensor layout (:func:`layout_of`) decides how the one setter :func:`put` writes
    a cell.
