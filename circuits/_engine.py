@@ -193,6 +193,45 @@ def sweep_axes(by: str | Sequence[str], layout: str) -> tuple[str, ...]:
     return tuple(a for a in ("layer", "pos", "head") if a in by or (a == "head" and "kv_head" in by))
 
 
+@dataclass
+class Sweep:
+    """The cells of one site kind that :func:`~thinklens.circuits.patch` and
+    :func:`~thinklens.circuits.atp` sweep: ``names[layer]`` is each layer's hook name;
+    ``axes`` the swept axes (``layer``, then ``pos`` / ``head`` as asked); ``heads`` None
+    for sites without heads."""
+
+    label: str
+    layout: str
+    axes: tuple[str, ...]
+    layers: list[int]
+    pos: list[int]
+    heads: list[int] | None
+    names: dict[int, str]
+
+    @classmethod
+    def of(cls, model: Any, pair: Pair, site: str, by: str | Sequence[str], layers: Any,
+           positions: Any, heads: Any) -> Sweep:
+        suffix, label, site_layers = site_kind(model, site)
+        layout = layout_of(suffix)
+        cfg = model.config
+        lays = indices(layers, cfg.n_layers, "layers") if layers is not None else site_layers
+        n_heads = cfg.n_kv_heads if layout == "kv" else cfg.n_heads
+        hds = indices(heads, n_heads, "heads") if layout != "pos" else None
+        names = {layer: f"blocks.{layer}.{suffix}" for layer in lays}
+        model.sites(list(names.values()))
+        return cls(label, layout, sweep_axes(by, layout), lays,
+                   indices(positions, len(pair), "positions"), hds, names)
+
+    def result_axes(self, pair: Pair) -> tuple[tuple[str, ...], dict[str, list]]:
+        """``(axes, labels)`` of the result: ``head`` is ``kv_head`` for k and v, and
+        positions are labelled ``"i:token"``."""
+        axes = tuple("kv_head" if a == "head" and self.layout == "kv" else a for a in self.axes)
+        pos_labels = [f"{i}:{t}" for i, t in enumerate(pair.labels())]
+        labels = {"layer": self.layers, "pos": [pos_labels[i] for i in self.pos],
+                  "head": self.heads, "kv_head": self.heads}
+        return axes, {a: labels[a] for a in axes}
+
+
 def run_answer(model: Any, ids: Tensor, answer_pos: int, fwd: Sequence = (), cache: Any = None,
                p0: int = 0, want_cache: bool = False) -> tuple[Float[Tensor, "batch d_vocab"], Any]:
     """Answer-position logits of ``ids[:, p0:]`` run after ``cache`` (tokens ``< p0``).

@@ -9,8 +9,9 @@ estimated metric *after* each patch, ``base value + estimate``, as an
 :class:`~thinklens.circuits.results.AttributionResult` with the axes and labels ``patch``
 would give, so the two compare cell by cell:
 
-1. Run the source once, recording the site's activations (:func:`~thinklens.circuits.
-   _engine.run_pair`, which also resolves the metric and its clean/corrupted values).
+1. Run the source once, recording the site's activations
+   (:func:`thinklens.circuits._engine.run_pair`, which also resolves the metric and its
+   clean/corrupted values).
 2. Run the base once with gradients, recording the same activations; one backward pass
    of the metric gives ``∂metric/∂a`` at every layer.
 3. Per cell, sum ``(a_source - a_base) * grad`` over the feature axis and over the axes
@@ -112,41 +113,29 @@ def atp(model: Any, pair: Pair, site: str = "resid_pre", *,
     if not isinstance(site, str):
         raise ConfigError(f"site={site!r}: atp takes one site kind, as patch does (e.g. "
                           "'z'); call it once per kind")
-    suffix, label, site_layers = _engine.site_kind(model, site)
-    layout = _engine.layout_of(suffix)
-    axes = _engine.sweep_axes(by, layout)
-    cfg, n_tok = model.config, len(pair)
-    lays = (_engine.indices(layers, cfg.n_layers, "layers") if layers is not None
-            else site_layers)
-    n_h = cfg.n_kv_heads if layout == "kv" else cfg.n_heads
-    hds = _engine.indices(heads, n_h, "heads") if layout != "pos" else None
-    pos = _engine.indices(positions, n_tok, "positions")
-    by_layer = {la: f"blocks.{la}.{suffix}" for la in lays}
-    names = list(by_layer.values())
-    model.sites(names)
+    sw = _engine.Sweep.of(model, pair, site, by, layers, positions, heads)
+    names, n_tok = list(sw.names.values()), len(pair)
     ctx = _engine.run_pair(model, pair, metric, direction, (), names)
     n = pair.answer_pos + 1  # later tokens cannot change the answer position's logits
     base, grads = _grad_run(model, ctx.base[:, :n], names, ctx.fn, ctx.name)
     grid = []
     for name in names:
         src = ctx.acts_src[name].to(base[name])
-        src = src[:, :, :n, :n] if layout == "pattern" else src[:, :n]
+        src = src[:, :, :n, :n] if sw.layout == "pattern" else src[:, :n]
         eff = ((src - base[name]) * grads[name])[0].float().sum(-1)  # [pos(, head)]
-        eff = eff.T if layout == "pattern" else eff                  # query-major
+        eff = eff.T if sw.layout == "pattern" else eff               # query-major
         full = eff.new_zeros((n_tok, *eff.shape[1:]))
         full[:n] = eff
-        cell = full[pos] if hds is None else full[pos][:, hds]
-        if "pos" not in axes:
+        cell = full[sw.pos] if sw.heads is None else full[sw.pos][:, sw.heads]
+        if "pos" not in sw.axes:
             cell = cell.sum(0)
-        if hds is not None and "head" not in axes:
+        if sw.heads is not None and "head" not in sw.axes:
             cell = cell.sum(-1)
         grid.append(cell)
     values = ctx.base_value + torch.stack(grid).detach().cpu()
-    names_ax = tuple("kv_head" if a == "head" and layout == "kv" else a for a in axes)
-    pos_labels = [f"{i}:{t}" for i, t in enumerate(pair.labels())]
-    labels = {"layer": lays, "pos": [pos_labels[i] for i in pos], "head": hds, "kv_head": hds}
-    return AttributionResult(values, names_ax, {a: labels[a] for a in names_ax}, ctx.name,
-                             ctx.clean, ctx.corrupt, label, direction, "atp")
+    axes, labels = sw.result_axes(pair)
+    return AttributionResult(values, axes, labels, ctx.name, ctx.clean, ctx.corrupt, sw.label,
+                             direction, "atp")
 
 
 def eap(model: Any, pair: Pair, *, steps: int | None = None, metric: Any = "logit_diff",

@@ -86,37 +86,26 @@ def patch(model: Any, pair: Pair, site: str = "resid_pre", *,
     ``metric``: ``"logit_diff"``, ``"normalized_logit_diff"``, ``"prob"``, ``"kl"`` or a
     callable ``logits [batch, d_vocab] -> [batch]``.
     """
-    suffix, label, site_layers = _engine.site_kind(model, site)
-    layout = _engine.layout_of(suffix)
-    axes = _engine.sweep_axes(by, layout)
-    cfg, n_tok = model.config, len(pair)
-    layers = (_engine.indices(layers, cfg.n_layers, "layers") if layers is not None
-              else site_layers)
-    pos = _engine.indices(positions, n_tok, "positions")
-    n_heads = cfg.n_kv_heads if layout == "kv" else cfg.n_heads
-    hds = _engine.indices(heads, n_heads, "heads") if layout != "pos" else None
-    names = {layer: f"blocks.{layer}.{suffix}" for layer in layers}
-    model.sites(list(names.values()))
+    sw = _engine.Sweep.of(model, pair, site, by, layers, positions, heads)
+    names, layout, axes = sw.names, sw.layout, sw.axes
     ctx = _engine.run_pair(model, pair, metric, direction, (), list(names.values()),
                            want_cache=True)
-    grid = [layers] + ([pos] if "pos" in axes else []) + ([hds] if "head" in axes else [])
+    grid = ([sw.layers] + ([sw.pos] if "pos" in axes else [])
+            + ([sw.heads] if "head" in axes else []))
     cells = torch.cartesian_prod(*[torch.tensor(g) for g in grid]).reshape(-1, len(grid))
-    cell_pos = cells[:, 1:2] if "pos" in axes else torch.tensor(pos).expand(len(cells), -1)
-    cell_head = (None if hds is None else cells[:, -1:] if "head" in axes
-                 else torch.tensor(hds).expand(len(cells), -1))
+    cell_pos = cells[:, 1:2] if "pos" in axes else torch.tensor(sw.pos).expand(len(cells), -1)
+    cell_head = (None if sw.heads is None else cells[:, -1:] if "head" in axes
+                 else torch.tensor(sw.heads).expand(len(cells), -1))
     out = torch.full((len(cells),), ctx.base_value)
     order = torch.argsort(cell_pos.min(1).values, stable=True)
-    step = _engine.rows_per_pass(model, n_tok, batch_size, budget)
-    for idx in _engine.chunked(order, step, progress, f"patching {label}"):
+    step = _engine.rows_per_pass(model, len(pair), batch_size, budget)
+    for idx in _engine.chunked(order, step, progress, f"patching {sw.label}"):
         p0 = int(cell_pos[idx].min()) if ctx.cache is not None else 0
         if p0 > pair.answer_pos:
             continue  # patches after the answer position cannot change its logits
         logits = _run_cells(model, ctx, pair, layout, [names[int(i)] for i in cells[idx, 0]],
                             cell_pos[idx], None if cell_head is None else cell_head[idx], p0)
         out[idx] = _engine.check_rows(ctx.fn(logits), len(idx), ctx.name).float().cpu()
-    shape = [len(g) for g in grid]
-    names_ax = tuple("kv_head" if a == "head" and layout == "kv" else a for a in axes)
-    pos_labels = [f"{i}:{t}" for i, t in enumerate(pair.labels())]
-    labels = {"layer": layers, "pos": [pos_labels[i] for i in pos], "head": hds, "kv_head": hds}
-    return PatchResult(out.reshape(shape), names_ax, {a: labels[a] for a in names_ax},
-                       ctx.name, ctx.clean, ctx.corrupt, label, direction)
+    res_axes, labels = sw.result_axes(pair)
+    return PatchResult(out.reshape([len(g) for g in grid]), res_axes, labels, ctx.name,
+                       ctx.clean, ctx.corrupt, sw.label, direction)
