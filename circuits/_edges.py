@@ -67,7 +67,7 @@ def layer_weights(model: Any) -> list[LayerWeights]:
     return out
 
 
-def head_outputs(z: Tensor, w_o: Tensor) -> Tensor:
+def _head_outputs(z: Tensor, w_o: Tensor) -> Tensor:
     """``[b, pos, head, d_model]``: what each head adds to the residual stream."""
     return torch.einsum("bphe,dhe->bphd", z, w_o.to(z.dtype))
 
@@ -77,7 +77,7 @@ def sender_outputs(acts: dict[str, Tensor], weights: list[LayerWeights]) -> Tens
     out = [acts["blocks.0.hook_resid_pre"][:, None]]
     with torch.no_grad():
         for layer, w in enumerate(weights):
-            out.append(head_outputs(acts[f"blocks.{layer}.attn.hook_z"], w.w_o).transpose(1, 2))
+            out.append(_head_outputs(acts[f"blocks.{layer}.attn.hook_z"], w.w_o).transpose(1, 2))
             out.append(acts[f"blocks.{layer}.hook_mlp_out"][:, None])
     return torch.cat(out, 1).detach()
 
@@ -151,7 +151,7 @@ def edge_run(model: Any, graph: Graph, ids: Tensor, *, keep: Tensor | None = Non
         return (out if bias is None else out + bias.to(x.dtype)).to(act.dtype)
 
     def at_z(act, hook, layer):
-        record(graph.attn_start(layer), head_outputs(act, weights[layer].w_o).transpose(1, 2))
+        record(graph.attn_start(layer), _head_outputs(act, weights[layer].w_o).transpose(1, 2))
         return act
 
     def at_mlp_in(act, hook, layer):
@@ -186,3 +186,6 @@ def receiver_grads(recv: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Te
     """``[b, pos, R, d_model]`` from :func:`edge_run`'s blocks and their gradients."""
     out = [torch.zeros_like(x) if g is None else g for x, g in zip(recv, grads)]
     return torch.cat([g if g.dim() == 4 else g[:, :, None] for g in out], 2)
+
+
+__all__ = ["LayerWeights", "layer_weights", "sender_outputs", "edge_run", "receiver_grads"]

@@ -88,7 +88,7 @@ def check_rows(out: object, n: int, name: str) -> Tensor:
     return out
 
 
-def resolve(metric: str | metrics.MetricFn, *, answer: int | None, wrong: int | None,
+def _resolve(metric: str | metrics.MetricFn, *, answer: int | None, wrong: int | None,
             clean: Tensor, corrupt: Tensor) -> tuple[str, metrics.MetricFn]:
     """(name, fn) for a metric name or callable; ``clean``/``corrupt``: ``[d_vocab]`` logits."""
     if callable(metric):
@@ -150,10 +150,10 @@ def put(act: Tensor, layout: str, rows: Tensor, pos: Tensor, heads: Tensor | Non
     return act
 
 
-def site_kind(model: Any, site: str) -> tuple[str, str, list[int]]:
+def _site_kind(model: Any, site: str) -> tuple[str, str, list[int]]:
     """``(hook suffix, label, layers)`` of a kind name, hook names or a glob of one kind.
 
-    Example: ``site_kind(model, "z")`` -> ``("attn.hook_z", "z", [0, 1, 2, 3])``.
+    Example: ``_site_kind(model, "z")`` -> ``("attn.hook_z", "z", [0, 1, 2, 3])``.
     """
     if site in SITE_KINDS:
         return SITE_KINDS[site], site, list(range(model.config.n_layers))
@@ -170,7 +170,7 @@ def site_kind(model: Any, site: str) -> tuple[str, str, list[int]]:
     return suffixes.pop(), site, [int(m.group(1)) for m in parsed]
 
 
-def indices(given: Any, n: int, what: str) -> list[int]:
+def _indices(given: Any, n: int, what: str) -> list[int]:
     """Sorted distinct indices in ``0..n-1`` (negatives from the end); None: all of them."""
     if given is None:
         return list(range(n))
@@ -184,7 +184,7 @@ def indices(given: Any, n: int, what: str) -> list[int]:
     return sorted({int(i) % n for i in given})
 
 
-def sweep_axes(by: str | Sequence[str], layout: str) -> tuple[str, ...]:
+def _sweep_axes(by: str | Sequence[str], layout: str) -> tuple[str, ...]:
     """The swept axes of ``by`` in canonical order ``layer, pos, head`` for a site layout."""
     by = (by,) if isinstance(by, str) else tuple(by)
     allowed = ("layer", "pos") if layout == "pos" else ("layer", "pos", "head", "kv_head")
@@ -211,16 +211,16 @@ class Sweep:
     @classmethod
     def of(cls, model: Any, pair: Pair, site: str, by: str | Sequence[str], layers: Any,
            positions: Any, heads: Any) -> Sweep:
-        suffix, label, site_layers = site_kind(model, site)
+        suffix, label, site_layers = _site_kind(model, site)
         layout = layout_of(suffix)
         cfg = model.config
-        lays = indices(layers, cfg.n_layers, "layers") if layers is not None else site_layers
+        lays = _indices(layers, cfg.n_layers, "layers") if layers is not None else site_layers
         n_heads = cfg.n_kv_heads if layout == "kv" else cfg.n_heads
-        hds = indices(heads, n_heads, "heads") if layout != "pos" else None
+        hds = _indices(heads, n_heads, "heads") if layout != "pos" else None
         names = {layer: f"blocks.{layer}.{suffix}" for layer in lays}
         model.sites(list(names.values()))
-        return cls(label, layout, sweep_axes(by, layout), lays,
-                   indices(positions, len(pair), "positions"), hds, names)
+        return cls(label, layout, _sweep_axes(by, layout), lays,
+                   _indices(positions, len(pair), "positions"), hds, names)
 
     def result_axes(self, pair: Pair) -> tuple[tuple[str, ...], dict[str, list]]:
         """``(axes, labels)`` of the result: ``head`` is ``kv_head`` for k and v, and
@@ -278,7 +278,7 @@ def run_pair(model: Any, pair: Pair, metric: Any, direction: str, record_base: S
                                     [rec_b(s) for s in record_base], want_cache=want_cache)
     src_logits, _ = run_answer(model, src, pair.answer_pos, [rec_s(s) for s in record_src])
     lc, lx = (src_logits, base_logits) if direction == "denoising" else (base_logits, src_logits)
-    name, fn = resolve(metric, answer=pair.answer, wrong=pair.wrong, clean=lc[0],
+    name, fn = _resolve(metric, answer=pair.answer, wrong=pair.wrong, clean=lc[0],
                                corrupt=lx[0])
     both = check_rows(fn(torch.cat([lc, lx])), 2, name).detach().cpu()
     if cache is not None and any(getattr(cache, "is_sliding", None) or []):
@@ -305,3 +305,7 @@ def chunked(items: Any, step: int, progress: bool | None, desc: str) -> Iterator
     runs = [items[i:i + step] for i in range(0, len(items), step)]
     show = progress if progress is not None else len(runs) > 4
     return iter(tqdm(runs, disable=not show, desc=desc))
+
+
+__all__ = ["PairRuns", "Sweep", "check_rows", "layout_of", "put", "run_answer", "recorder",
+           "run_pair", "rows_per_pass", "chunked", "SITE_KINDS"]

@@ -70,8 +70,6 @@ from thinklens.circuits.pairs import Pair
 from thinklens.circuits.results import AttributionResult
 from thinklens.errors import ConfigError
 
-__all__ = ["atp", "eap", "AttributionResult"]
-
 
 def _grad_run(model: Any, ids: Any, names: list[str], fn: Any, name: str) -> tuple[dict, dict]:
     """Activations at ``names`` of one run of ``ids [1, pos]`` and the metric's gradients."""
@@ -192,3 +190,6 @@ def eap(model: Any, pair: Pair, *, steps: int | None = None, metric: Any = "logi
     method = "eap" if steps is None else f"eap-ig({steps})"
     return Circuit(graph, scores, graph.valid.clone(), ctx.name, ctx.clean, ctx.corrupt,
                    direction, method, model.name)
+
+
+__all__ = ["atp", "eap", "AttributionResult"]

@@ -44,8 +44,6 @@ from thinklens.errors import ConfigError
 from thinklens.hooks import forward
 from thinklens.hooks._fileio import atomic_write_text
 
-__all__ = ["Circuit", "FaithfulnessCurve", "faithfulness_curve"]
-
 _FORMAT, _VERSION = "thinklens.circuit", 1
 _ABLATIONS = ("corrupt", "mean")
 
@@ -337,3 +335,6 @@ def _evaluate(model: Any, pair: Pair, circuit: Circuit, masks: list[Tensor], abl
     return FaithfulnessCurve(list(sizes) if sizes is not None else [int(m.sum()) for m in masks],
                              faith, values, full, empty, int(graph.valid.sum()), ctx.name,
                              ablation, circuit.method)
+
+
+__all__ = ["Circuit", "FaithfulnessCurve", "faithfulness_curve"]

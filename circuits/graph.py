@@ -149,3 +149,6 @@ class Graph:
         if d["n_heads"] % d["n_kv_heads"]:
             raise ConfigError(f"graph {d!r}: n_heads must be a multiple of n_kv_heads")
         return cls(*(d[k] for k in keys))
+
+
+__all__ = ["Graph"]

@@ -81,3 +81,6 @@ def normalized(metric: MetricFn, clean: float, corrupt: float) -> Metric:
     name = getattr(metric, "name", getattr(metric, "__name__", "metric"))
     normalize(0.0, clean, corrupt, what=f"metric {name!r}")  # refuse now, not at each call
     return Metric(f"normalized_{name}", lambda lg: normalize(metric(lg), clean, corrupt))
+
+
+__all__ = ["Metric", "logit_diff", "answer_prob", "kl_to", "normalize", "normalized"]

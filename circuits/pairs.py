@@ -127,3 +127,6 @@ def make_pair(model: Any, clean: str | Trace | Any, corrupt: str | Trace | Any, 
     return Pair(torch.tensor(c_ids), torch.tensor(x_ids), c_toks, x_toks, answer_pos % n,
                 _token_id(model, answer, "answer"), _token_id(model, wrong, "wrong answer"),
                 c_trace, x_trace)
+
+
+__all__ = ["Pair", "input_tokens", "make_pair"]

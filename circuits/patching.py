@@ -45,8 +45,6 @@ from thinklens.circuits._engine import SITE_KINDS, PairRuns
 from thinklens.circuits.pairs import Pair
 from thinklens.circuits.results import PatchResult
 
-__all__ = ["patch", "PatchResult", "SITE_KINDS"]
-
 
 def _run_cells(model: Any, ctx: PairRuns, pair: Pair, layout: str, sites: list[str],
                pos: Tensor, heads: Tensor | None, p0: int) -> Tensor:
@@ -109,3 +107,6 @@ def patch(model: Any, pair: Pair, site: str = "resid_pre", *,
     res_axes, labels = sw.result_axes(pair)
     return PatchResult(out.reshape([len(g) for g in grid]), res_axes, labels, ctx.name,
                        ctx.clean, ctx.corrupt, sw.label, direction)
+
+
+__all__ = ["patch", "PatchResult", "SITE_KINDS"]

@@ -36,8 +36,6 @@ from thinklens.circuits.pairs import Pair
 from thinklens.circuits.results import PatchResult
 from thinklens.errors import ConfigError
 
-__all__ = ["path_patch"]
-
 # a head (layer, head), a head input (layer, head, "q" | "k" | "v"), or a site name
 _Node = tuple[int, int] | tuple[int, int, str] | str
 
@@ -162,3 +160,6 @@ def path_patch(model: Any, pair: Pair, senders: str | Sequence[_Node | list[_Nod
                            ctx.name, ctx.clean, ctx.corrupt, about, direction)
     return PatchResult(out, ("sender",), {"sender": [str(g) for g in senders]}, ctx.name,
                        ctx.clean, ctx.corrupt, about, direction)
+
+
+__all__ = ["path_patch"]

@@ -69,3 +69,6 @@ class AttributionResult(PatchResult):
 
     def __repr__(self) -> str:
         return f"AttributionResult[{self.method}]" + super().__repr__().removeprefix("PatchResult")
+
+
+__all__ = ["PatchResult", "AttributionResult"]

@@ -37,7 +37,7 @@ def replace_durably(tmp: Path, final: Path) -> None:
             os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
+def _fsync_file(path: Path) -> None:
     """fsync a file written by someone else's writer (e.g. ``safetensors.save_file``)."""
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -60,7 +60,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
-        fsync_file(tmp)
+        _fsync_file(tmp)
         replace_durably(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -90,3 +90,7 @@ def sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+__all__ = ["replace_durably", "atomic_path", "atomic_write_bytes", "atomic_write_text",
+           "atomic_write_json", "sha256"]

@@ -20,7 +20,7 @@ FORMAT, VERSION, MANIFEST = "thinklens.store", 2, "manifest.json"
 SHARD_NAME = re.compile(r"shard-(\d{6,})\.safetensors")
 TRACES_NAME = re.compile(r"shard-(\d{6,})\.traces\.json")
 STORE_DTYPES = {"float64": torch.float64, "float32": torch.float32,
-           "float16": torch.float16, "bfloat16": torch.bfloat16}
+                "float16": torch.float16, "bfloat16": torch.bfloat16}
 VERIFY_MODES = ("hash", "size", "none")
 
 
@@ -100,3 +100,8 @@ def shard_problem(folder: Path, entry: dict, traces: list[dict], verify: str) ->
     if verify == "hash" and (found := sha256(file)) != entry["sha256"]:
         return f"expected sha256 {entry['sha256'][:16]}…, found {found[:16]}… (altered)"
     return None
+
+
+__all__ = ["check_create", "load_manifest", "traces_file", "shard_problem", "FORMAT",
+           "MANIFEST", "POSITIONS", "SHARD_NAME", "STORE_DTYPES", "TRACES_NAME",
+           "VERIFY_MODES", "VERSION"]

@@ -95,7 +95,7 @@ class SiteActivations:
         return self.values.movedim(self.ragged, 1)[m], tr, pos
 
 
-def pad_stack(tensors: Sequence[Tensor], pad_value: float = 0.0, axis: int = 0
+def _pad_stack(tensors: Sequence[Tensor], pad_value: float | int = 0.0, axis: int = 0
               ) -> tuple[Tensor, Tensor]:
     """Right-pad tensors ``[len_i, ...]`` into ``[n, max_len, ...]``; returns (values, lengths).
 
@@ -148,12 +148,12 @@ class ActivationReader:
         per_trace = self._per_trace(name)
         axes = ("trace", *self.axes[name])
         ragged = ragged_axis(axes)
-        values, lengths = pad_stack(per_trace, axis=ragged - 1)
+        values, lengths = _pad_stack(per_trace, axis=ragged - 1)
         positions = None
         if axes[ragged] in ("pos", "query_pos"):  # rows at the captured token positions
             pos = self._positions()
             if pos is not None:
-                positions, _ = pad_stack(pos, pad_value=-1)
+                positions, _ = _pad_stack(pos, pad_value=-1)
         heads = ((getattr(self, "meta", None) or {}).get("heads") or {}).get(name)
         return SiteActivations(key=name, values=values, axes=axes, lengths=lengths,
                                positions=positions, shapes=[tuple(t.shape) for t in per_trace],
@@ -183,3 +183,6 @@ class ActivationReader:
                                lengths=first.lengths, positions=first.positions,
                                labels={**first.labels, "layer": names},
                                shapes=[(len(names), *sh) for sh in first.shapes or []] or None)
+
+
+__all__ = ["SiteActivations", "ActivationReader", "ragged_axis"]

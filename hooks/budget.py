@@ -23,7 +23,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 def parse_budget(budget: int | float | str | None, device: torch.device) -> int:
     """Bytes from ``8_000_000_000``, ``"8GB"`` or ``"512MiB"``; None = 60% of free memory."""
     if budget is None:
-        return int(0.6 * free_memory(device))
+        return int(0.6 * _free_memory(device))
     if isinstance(budget, int | float) and budget > 0:
         return int(budget)
     m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(budget))
@@ -33,7 +33,7 @@ def parse_budget(budget: int | float | str | None, device: torch.device) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def free_memory(device: torch.device) -> int:
+def _free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     try:
@@ -42,7 +42,7 @@ def free_memory(device: torch.device) -> int:
         return 8 * 10**9
 
 
-def fmt(n: float) -> str:
+def _fmt(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -79,8 +79,11 @@ def check(est: Estimate, budget: int, streaming: bool) -> None:
     ways = ("smaller batch_size or shorter traces" if streaming else
             "write to a store (store='acts/', streamed batch by batch); ")
     raise BudgetError(
-        f"capture needs about {fmt(need)} (kept activations {fmt(est.kept if not streaming else est.kept_per_batch)}"
-        f" + forward pass peak {fmt(est.forward_peak)}) but the memory budget is {fmt(budget)}. "
+        f"capture needs about {_fmt(need)} (kept activations {_fmt(est.kept if not streaming else est.kept_per_batch)}"
+        f" + forward pass peak {_fmt(est.forward_peak)}) but the memory budget is {_fmt(budget)}. "
         f"Alternatives: {ways}capture fewer sites or positions (positions='sentence_ends' "
         "or 'last'); attention='sentence' instead of full patterns; a smaller batch_size; "
         "or raise the budget with budget='32GB' if the memory is really there.")
+
+
+__all__ = ["Estimate", "parse_budget", "forward_peak", "check"]

@@ -336,3 +336,6 @@ def _batch_hooks(model, traces, pos, sites, sentence, heads, out_dtype, got):
     hooks += [(f"blocks.{layer}.attn.hook_pattern", pattern_hook(layer))
               for layer in pattern_layers]
     return hooks
+
+
+__all__ = ["Capture", "trace_id", "sentence_means", "capture", "estimate"]

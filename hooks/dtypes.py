@@ -17,3 +17,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; valid: {', '.join(sorted(DTYPES))}")
     return DTYPES[dtype]
+
+
+__all__ = ["parse_dtype"]

@@ -85,7 +85,7 @@ def as_traces(model, traces: Trace | Sequence[Trace]) -> list[Trace]:
     return traces
 
 
-def token_lists(model, inputs: Sequence[Trace] | Sequence[Sequence[int]]) -> list[list[int]]:
+def _token_lists(model, inputs: Sequence[Trace] | Sequence[Sequence[int]]) -> list[list[int]]:
     """Token ids of each input: a trace's ``token_ids`` (tokenizer checked) or the list itself."""
     out = []
     for k, x in enumerate(inputs):
@@ -140,10 +140,10 @@ def pad(model, seqs: Sequence[Sequence[int]], rows: Sequence[int]) -> Batch:
     return Batch(list(rows), ids.to(model.device), mask.to(model.device), lengths)
 
 
-def batches(model, inputs: Sequence[Trace] | Sequence[Sequence[int]], *,
+def _batches(model, inputs: Sequence[Trace] | Sequence[Sequence[int]], *,
             batch_size: int | None = 8, budget: Any = None, sort: bool = True) -> Iterator[Batch]:
     """Padded batches of ``inputs`` (see :func:`plan`); ``batch.rows`` maps rows to inputs."""
-    seqs = token_lists(model, inputs)
+    seqs = _token_lists(model, inputs)
     for rows in plan(model, [len(s) for s in seqs], batch_size=batch_size, budget=budget,
                      sort=sort):
         yield pad(model, seqs, rows)
@@ -227,7 +227,7 @@ def run(model, inputs: Sequence[Trace] | Sequence[Sequence[int]],
         nxt = run(model, prefixes, logits_at="last")      # greedy next tokens:
         [int(x[0].argmax()) for x in nxt]
     """
-    seqs = token_lists(model, inputs)
+    seqs = _token_lists(model, inputs)
     if not isinstance(logits_at, str | None) and len(logits_at) != len(seqs):
         raise ConfigError(f"logits_at has {len(logits_at)} position lists for {len(seqs)} "
                           "inputs; give one per input")
@@ -270,3 +270,6 @@ def read(model, inputs: Sequence[Trace] | Sequence[Sequence[int]], sites: Sequen
         return [(s, at(s)) for s in names]
 
     run(model, inputs, hooks, batch_size=batch_size, budget=budget, stop_early=True)
+
+
+__all__ = ["Batch", "as_traces", "plan", "pad", "forward", "run", "read"]

@@ -58,3 +58,6 @@ def generate_many(model, prompts: list[str], *, max_new_tokens: int, temperature
                         model_name=model.name, segmenter=model.segmenter,
                         annotator=model.annotator, meta=dict(info))
             for i, (p, r) in enumerate(zip(prompts, rendered))]
+
+
+__all__ = ["generate_many"]

@@ -90,3 +90,6 @@ def merge_stores(sources: Sequence[str | os.PathLike | Store], dest: str | os.Pa
                 records, size = [], 0
     bar.close()
     return out
+
+
+__all__ = ["merge_stores"]

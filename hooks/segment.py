@@ -279,3 +279,7 @@ def check_segments(spans: Sequence[tuple[int, int]], text: str,
                               f"text of {len(text)} chars; spans must be sorted, disjoint "
                               "(start, end) pairs with start < end")
     return out  # type: ignore[return-value]
+
+
+__all__ = ["split_sentences", "tag_sentence", "assign_tokens", "align_tokens", "find_think",
+           "check_segments", "TAGS", "Annotator", "Segmenter"]

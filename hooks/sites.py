@@ -105,3 +105,6 @@ def layer_of(site: str) -> int | None:
 def is_pattern_site(site: str) -> bool:
     """Sites shaped ``[batch, head, query, key]`` (moved to query-major when captured)."""
     return site.endswith(("attn.hook_pattern", "attn.hook_attn_scores"))
+
+
+__all__ = ["canonical_sites", "resolve_sites", "layer_of", "is_pattern_site"]

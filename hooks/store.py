@@ -387,3 +387,6 @@ class Store(ActivationReader):
         traces = self._m["traces"]
         has_all = traces and all(POSITIONS in t["rows"] for t in traces)
         return self._load(POSITIONS) if has_all else None
+
+
+__all__ = ["Store"]

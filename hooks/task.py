@@ -142,3 +142,7 @@ def task_named(name: str) -> Task:
     names = [t.name for t in _TASKS]
     raise ConfigError(f"no task {name!r}.{did_you_mean(name, names)} Registered: "
                       f"{', '.join(names) or 'none'}")
+
+
+__all__ = ["LabelSet", "Task", "register_model", "register_task", "registered_models",
+           "model_folder", "task_for", "task_named"]

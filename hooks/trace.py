@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
@@ -273,7 +274,7 @@ POSITION_SELECTORS: tuple[str, ...] = tuple(_SELECTORS)
 
 
 def positions(trace: Trace,
-              selector: str | int | Sequence[int] | Tensor) -> Int[Tensor, "pos"]:  # noqa: F821, UP037
+              selector: str | int | Sequence[int] | Tensor | np.ndarray) -> Int[Tensor, "pos"]:  # noqa: F821, UP037
     """Token indices picked by a selector name, or given (negatives count from the end).
 
     Example::
@@ -395,3 +396,7 @@ def _sentences(trace: Trace, segmenter: Segmenter, annotator: Annotator) -> list
                               "return a str tag such as 'backtracking'")
         out.append(Sentence(t0, t1, a, b, trace.text[a:b], tag))
     return out
+
+
+__all__ = ["Span", "Sentence", "Trace", "tokenizer_fingerprint", "check_tokenizer",
+           "positions", "build_trace", "POSITION_SELECTORS"]

@@ -174,3 +174,6 @@ class Model:
         points = {id(p): p for p in self.bridge.hook_dict.values()}.values()
         return sum(len(p._forward_hooks) + len(p._forward_pre_hooks) + len(p._backward_hooks)
                    for p in points)
+
+
+__all__ = ["ModelConfig", "Model"]

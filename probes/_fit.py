@@ -39,14 +39,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float, Shaped
 from torch import Tensor
 
 from thinklens.errors import ConfigError
 
 from .data import ProbeData
-
-__all__ = ["KINDS", "FittedParams", "fit_params", "probe_output", "row_weights", "standardize"]
 
 KINDS = ("logistic", "ridge", "mlp")  # the probe kinds fit_params fits
 
@@ -333,7 +331,7 @@ def fit_params(kind: str, X: Tensor, Y: Tensor, task: str, n_classes: int, weigh
                     seed=seed, task=task)
 
 
-def row_weights(data: ProbeData, y: Int[Tensor, " n"], class_weight: Any  # noqa: F722
+def row_weights(data: ProbeData, y: Shaped[Tensor, " n"], class_weight: Any  # noqa: F722
                 ) -> Float[Tensor, " n"]:  # noqa: F722
     """Row weights ``[n]`` of labels ``y`` (class indices of ``data.classes``) from
     ``class_weight``: None (all 1), ``"balanced"`` (``n / (C * n_c)``, counted over ``y``
@@ -359,3 +357,6 @@ def row_weights(data: ProbeData, y: Int[Tensor, " n"], class_weight: Any  # noqa
         raise ConfigError(f"class_weight={class_weight!r}; valid: None, 'balanced', or a dict "
                           "{label: weight}")
     return cw[y]
+
+
+__all__ = ["KINDS", "FittedParams", "fit_params", "probe_output", "row_weights", "standardize"]

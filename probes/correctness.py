@@ -130,7 +130,7 @@ def correctness_probe(model, traces, answers: Sequence | None = None, *,
     if label == "forced":
         close_ids = model.encode(close)
         prefixes = [t.token_ids[: c.end] + close_ids for t, cs in zip(traces, spans) for c in cs]
-        forced = iter(next_tokens(model, prefixes, batch_size))
+        forced = iter(_next_tokens(model, prefixes, batch_size))
         labels = [torch.tensor([next(forced) == a for _ in cs], dtype=torch.bool)
                   for a, cs in zip(truth, spans)]
     elif callable(label):
@@ -222,10 +222,14 @@ def _default_answers(model, traces: list[Trace], answers: Sequence | None) -> Se
     return [model.task.answer(t) for t in traces]
 
 
-def next_tokens(model, prefixes: list[list[int]], batch_size: int | None = 16) -> list[int]:
-    """Greedy next token after each prefix, in input order: ``next_tokens(model, [[5, 6]]) == [9]``.
+def _next_tokens(model, prefixes: list[list[int]], batch_size: int | None = 16) -> list[int]:
+    """Greedy next token after each prefix, in input order: ``_next_tokens(model, [[5, 6]]) == [9]``.
 
     Only the last position of each prefix is unembedded (:func:`thinklens.hooks.forward.run`).
     """
     logits = fwd.run(model, prefixes, logits_at="last", batch_size=batch_size)
     return [int(x[0].argmax()) for x in logits]
+
+
+__all__ = ["EarlyExitCurve", "CorrectnessResult", "chunk_thinking", "correctness_probe",
+           "early_exit_curve"]

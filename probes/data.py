@@ -45,9 +45,6 @@ from thinklens.errors import ConfigError
 from thinklens.hooks.trace import POSITION_SELECTORS
 from thinklens.hooks.trace import positions as select_positions
 
-__all__ = ["LEVELS", "TASKS", "ProbeData", "class_balance", "group_split", "probe_data",
-           "probe_data_at", "split_traces"]
-
 LEVELS = ("trace", "sentence", "token")     # what a label is attached to
 TASKS = ("classification", "regression")
 
@@ -345,3 +342,7 @@ def class_balance(data: ProbeData | Tensor) -> dict[Any, int]:
         counts = Counter(data.y.tolist())
         return {c: counts.get(k, 0) for k, c in enumerate(data.classes or [])}
     return dict(sorted(Counter(data.tolist()).items()))
+
+
+__all__ = ["LEVELS", "TASKS", "ProbeData", "class_balance", "group_split", "probe_data",
+           "probe_data_at", "split_traces"]

@@ -259,3 +259,7 @@ def layer_sites(model, layers: Any) -> list[str]:
             raise ConfigError(f"layer {k!r} is not valid; give 'all', 'embed' or block indices "
                               f"{-n}..{n - 1}")
     return list(dict.fromkeys(out))
+
+
+__all__ = ["LensResult", "AnswerProbeResult", "lens_logits", "logit_lens", "answer_probe",
+           "answer_ids", "first_answer_token", "layer_sites"]

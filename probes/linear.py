@@ -32,8 +32,6 @@ from . import metrics as _metrics
 from ._fit import FittedParams, fit_params, probe_output, row_weights, standardize
 from .data import ProbeData, group_split
 
-__all__ = ["ProbeResult", "fit_probe"]
-
 
 @dataclass
 class ProbeResult:
@@ -119,3 +117,6 @@ def fit_probe(data: ProbeData, split: tuple[Tensor, Tensor] | None = None, *,
     hid = None if p.hidden is None else (p.hidden[0][:, 0], p.hidden[1][:, 0])
     return ProbeResult(list(data.sites), kind, data.task, data.classes, p.W[:, 0], p.b[:, 0],
                        mean[:, 0], scale[:, 0], scores[0], scores[1], hid, p.n_iter)
+
+
+__all__ = ["ProbeResult", "fit_probe"]

@@ -40,10 +40,6 @@ from torch import Tensor
 
 from thinklens.errors import ConfigError
 
-__all__ = ["CLASSIFICATION_METRICS", "REGRESSION_METRICS", "accuracy", "auroc",
-           "balanced_accuracy", "bootstrap_weights", "ece", "mse", "pearson", "percentile_ci",
-           "r2", "score", "spearman"]
-
 # shapes: "..." is any leading axes (sites, label sets, resamples), broadcast together
 _Labels = Shaped[Tensor, " n"]            # int64 class indices, or float targets for r2
 _Pred = Shaped[Tensor, "... n"]           # predicted class index, or predicted value
@@ -254,3 +250,8 @@ def spearman(x: Any, y: Any) -> float:
     """
     x, y = _finite_pairs(x, y)
     return _pearson(_ranks(x), _ranks(y))
+
+
+__all__ = ["CLASSIFICATION_METRICS", "REGRESSION_METRICS", "accuracy", "auroc",
+           "balanced_accuracy", "bootstrap_weights", "ece", "mse", "pearson", "percentile_ci",
+           "r2", "score", "spearman"]

@@ -252,3 +252,6 @@ def dose_response(model, prompts: Sequence[str], vector: SteeringVector | Tensor
                         torch.tensor(acc), torch.tensor(length),
                         metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"),
                         runs)
+
+
+__all__ = ["SteeringVector", "DoseResponse", "steering_vector", "steer", "dose_response"]

@@ -230,3 +230,6 @@ def _balance(data: ProbeData, train: Tensor, test: Tensor) -> dict[str, dict] | 
         return None
     return {side: {c: int((data.y[idx] == k).sum()) for k, c in enumerate(data.classes)}
             for side, idx in (("train", train), ("test", test))}
+
+
+__all__ = ["SweepResult", "sweep"]

@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from jaxtyping import install_import_hook
+
+# Before any thinklens import: every annotated thinklens function and dataclass checks its
+# arguments' types and jaxtyping shapes at run time during the tests (see _typecheck.py).
+install_import_hook("thinklens", "_typecheck.checker")
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("THINKLENS_TEST_CACHE", ROOT / ".cache"))

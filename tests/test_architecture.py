@@ -185,3 +185,52 @@ def test_no_package_attribute_hides_its_submodule(pkg):
 def _is_module(obj) -> bool:
     import types
     return isinstance(obj, types.ModuleType)
+
+
+def _declared_all(name: str) -> list[str] | None:
+    for node in ast.parse(MODULES[name].read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__"
+                                                for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    return None
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if not _is_package(m)))
+def test_every_public_name_is_declared(name):
+    """A module's surface is its ``__all__``: whatever else it defines is ``_private``."""
+    tree = ast.parse(MODULES[name].read_text())
+    defined = [n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)
+               and not n.name.startswith("_")]
+    declared = _declared_all(name) or []
+    loose = [d for d in defined if d not in declared]
+    assert not loose, f"{name} defines public names missing from its __all__: {loose}"
+    missing = [d for d in declared if d not in {*defined, *_assigned(tree), *_imported(tree)}]
+    assert not missing, f"{name}.__all__ lists names it does not have: {missing}"
+
+
+def _assigned(tree: ast.Module) -> set[str]:
+    out = set()
+    for n in tree.body:
+        targets = n.targets if isinstance(n, ast.Assign) else [n.target] \
+            if isinstance(n, ast.AnnAssign) else []
+        for t in targets:
+            out |= {e.id for e in (t.elts if isinstance(t, ast.Tuple) else [t])
+                    if isinstance(e, ast.Name)}
+    return out
+
+
+def _imported(tree: ast.Module) -> set[str]:
+    return {(a.asname or a.name).split(".")[0] for n in tree.body
+            if isinstance(n, ast.Import | ast.ImportFrom) for a in n.names}
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_imports_between_modules_use_declared_names(name):
+    bad = []
+    for mod, names, line, _ in _imports(name):
+        if mod not in MODULES or _is_package(mod):
+            continue
+        declared = _declared_all(mod) or []
+        bad += [f"line {line}: {mod}.{n}" for n in names
+                if n not in declared and f"{mod}.{n}" not in MODULES and n != "*"]
+    assert not bad, f"{name} imports names their module does not declare in __all__: {bad}"

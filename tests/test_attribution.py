@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _typecheck import unchecked
 
 from thinklens.circuits import (
     AttributionResult,
@@ -285,26 +286,28 @@ def test_eap_ig_uses_the_reference_points(organism, look_pair, direction):
 
 
 def test_errors_at_the_attribution_entry_points(organism, org_pair):
-    with pytest.raises(ConfigError, match="pair must be a Pair"):
-        atp(organism, ("a = 7 ; ? a", "a = 5 ; ? a"))
-    with pytest.raises(ConfigError, match="pair must be a Pair"):
-        eap(organism, "a = 7 ; ? a")
-    with pytest.raises(ConfigError, match=r"atp takes one site kind, as patch does"):
-        atp(organism, org_pair, ["z", "mlp_out"])
-    with pytest.raises(ConfigError, match=r"unknown site kind 'resid_pr'.*'resid_pre'"):
-        atp(organism, org_pair, "resid_pr")
-    with pytest.raises(SiteError, match=r"unknown site 'blocks.9.attn.hook_z'"):
-        atp(organism, org_pair, "blocks.9.attn.hook_z")
-    with pytest.raises(ConfigError, match=r"returned shape \(\) .* one float per row"):
-        atp(organism, org_pair, metric=lambda lg: lg[:, 3].mean())
-    with pytest.raises(ConfigError, match=r"returned shape \(\) .* one float per row"):
-        eap(organism, org_pair, steps=2, metric=lambda lg: lg[:, 3].mean())
-    with pytest.raises(ConfigError, match=r"steps=0; give None \(plain EAP\)"):
-        eap(organism, org_pair, steps=0)
-    with pytest.raises(ConfigError, match=r"different lengths \(6 vs 7"):
-        atp(organism, make_pair(organism, "a = 7 ; ? a", "a = 17 ; ? a"))
-    with pytest.raises(ConfigError, match=r"answer '12' is 2 tokens"):
-        eap(organism, make_pair(organism, "a = 7 ; ? a", "a = 5 ; ? a", answer="12"))
-    with pytest.raises(ConfigError, match="unknown metric 'logitdiff'"):
-        eap(organism, org_pair, metric="logitdiff")
-    assert organism.n_hooks() == 0
+    # what a user without the run-time type checker gets: thinklens's own errors
+    with unchecked():
+        with pytest.raises(ConfigError, match="pair must be a Pair"):
+            atp(organism, ("a = 7 ; ? a", "a = 5 ; ? a"))
+        with pytest.raises(ConfigError, match="pair must be a Pair"):
+            eap(organism, "a = 7 ; ? a")
+        with pytest.raises(ConfigError, match=r"atp takes one site kind, as patch does"):
+            atp(organism, org_pair, ["z", "mlp_out"])
+        with pytest.raises(ConfigError, match=r"unknown site kind 'resid_pr'.*'resid_pre'"):
+            atp(organism, org_pair, "resid_pr")
+        with pytest.raises(SiteError, match=r"unknown site 'blocks.9.attn.hook_z'"):
+            atp(organism, org_pair, "blocks.9.attn.hook_z")
+        with pytest.raises(ConfigError, match=r"returned shape \(\) .* one float per row"):
+            atp(organism, org_pair, metric=lambda lg: lg[:, 3].mean())
+        with pytest.raises(ConfigError, match=r"returned shape \(\) .* one float per row"):
+            eap(organism, org_pair, steps=2, metric=lambda lg: lg[:, 3].mean())
+        with pytest.raises(ConfigError, match=r"steps=0; give None \(plain EAP\)"):
+            eap(organism, org_pair, steps=0)
+        with pytest.raises(ConfigError, match=r"different lengths \(6 vs 7"):
+            atp(organism, make_pair(organism, "a = 7 ; ? a", "a = 17 ; ? a"))
+        with pytest.raises(ConfigError, match=r"answer '12' is 2 tokens"):
+            eap(organism, make_pair(organism, "a = 7 ; ? a", "a = 5 ; ? a", answer="12"))
+        with pytest.raises(ConfigError, match="unknown metric 'logitdiff'"):
+            eap(organism, org_pair, metric="logitdiff")
+        assert organism.n_hooks() == 0

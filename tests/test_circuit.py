@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from _typecheck import unchecked
 from test_attribution import EDGES, _hand_edge, lookup_pair
 
 import thinklens
@@ -192,7 +193,7 @@ def test_circuit_errors(organism, qwen2, look_pair, scored):
         scored.faithfulness(qwen2, pair)
     with pytest.raises(ConfigError, match=r"sizes \[-1\]"):
         faithfulness_curve(organism, look_pair, scored, sizes=[-1])
-    with pytest.raises(ConfigError, match="must both be"):
+    with unchecked(), pytest.raises(ConfigError, match="must both be"):  # __post_init__'s check
         Circuit(scored.graph, torch.zeros(3, 3), scored.edges, "logit_diff", 1.0, 0.0)
     assert organism.n_hooks() == 0
 

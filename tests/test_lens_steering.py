@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _typecheck import unchecked
 
 from thinklens.errors import ConfigError
 from thinklens.hooks.activations import SiteActivations
@@ -152,10 +153,12 @@ def _fake_trace(texts: list[str], gaps: list[str]):
 def test_chunk_thinking_keywords_and_blank_lines():
     trace = _fake_trace(["Add 2 and 3.", "That is 5.", "Wait, check.", "Still 5.", "So 5.",
                          "Alternatively, count.", "Five."], ["", " ", " ", " ", "\n\n", " ", " "])
-    assert chunk_thinking(trace, "keywords") == [Span(0, 2), Span(2, 4), Span(4, 5), Span(5, 7)]
-    assert len(chunk_thinking(trace, "sentences")) == 7
-    with pytest.raises(ConfigError, match="valid"):
-        chunk_thinking(trace, "paragraphs")
+    with unchecked():  # a duck-typed stand-in for a Trace: only sentences and text are read
+        assert chunk_thinking(trace, "keywords") == [Span(0, 2), Span(2, 4), Span(4, 5),
+                                                     Span(5, 7)]
+        assert len(chunk_thinking(trace, "sentences")) == 7
+        with pytest.raises(ConfigError, match="valid"):
+            chunk_thinking(trace, "paragraphs")
 
 
 def test_early_exit_curve_by_hand():

@@ -49,14 +49,19 @@ class StoreError(ThinklensError):
     """An activation store that is missing, incompatible, truncated or altered."""
 
 
-def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
+def _closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The few valid names closest to ``name``, for 'did you mean' messages."""
     return difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """`` did you mean 'a' or 'b'?`` or an empty string when nothing is close."""
-    near = closest(name, choices)
+    near = _closest(name, choices)
     if not near:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in near) + "?"
+
+
+__all__ = ["ThinklensError", "ConfigError", "ModelLoadError", "UnsupportedArchitectureError",
+           "SiteError", "PositionError", "TokenizerMismatchError", "BudgetError", "StoreError",
+           "did_you_mean"]

@@ -181,3 +181,6 @@ def _normalise_svg(data: bytes) -> bytes:
     uid = re.compile(rb"(?<=[A-Za-z\-])" + re.escape(m[1]))  # never '#ab12cd' colours
     digest = hashlib.sha256(uid.sub(b"", data)).hexdigest()[: len(m[1])].encode()
     return uid.sub(digest, data)
+
+
+__all__ = ["export", "export_session", "find_browser"]

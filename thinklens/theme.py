@@ -56,7 +56,7 @@ SIZES: dict[str, tuple[int, int]] = {
 }
 
 
-def template() -> go.layout.Template:
+def _template() -> go.layout.Template:
     """The thinklens plotly template (a fresh copy each call)."""
     axis = dict(showgrid=True, gridcolor="#EBEBEB", zeroline=False, linecolor="#444444",
                 showline=True, ticks="outside", tickcolor="#444444", automargin=True)
@@ -78,7 +78,7 @@ def register() -> str:
 
     Then ``fig.update_layout(template="thinklens")`` works on your own figures.
     """
-    pio.templates[NAME] = template()
+    pio.templates[NAME] = _template()
     return NAME
 
 
@@ -92,7 +92,7 @@ def apply(fig: go.Figure, size: str | None = None) -> go.Figure:
     if size is not None and size not in SIZES:
         raise ConfigError(f"size={size!r}; valid: None (screen), "
                           + ", ".join(repr(s) for s in SIZES) + " (paper columns)")
-    fig.update_layout(template=template())
+    fig.update_layout(template=_template())
     title = fig.layout.title
     lines = bool(title.text) + bool(title.subtitle and title.subtitle.text)
     if size is None:
@@ -148,3 +148,7 @@ def escape(text: str, max_chars: int | None = None) -> str:
     if text and not text.strip(" "):
         return "␣" * len(text)
     return text.translate(_ESCAPES)
+
+
+__all__ = ["register", "apply", "diverging_range", "escape", "DIVERGING", "QUALITATIVE",
+           "SEQUENTIAL"]

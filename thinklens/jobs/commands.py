@@ -106,3 +106,6 @@ def capture(prompts: str | os.PathLike[str], out: str | os.PathLike[str], *,
 def site_names(model: str = "organism", match: str = "*") -> list[str]:
     """The site names of ``model`` that match the glob ``match``, in the model's order."""
     return [n for n in load(model).site_names if fnmatch.fnmatchcase(n, match)]
+
+
+__all__ = ["DemoResult", "CaptureResult", "demo", "capture", "site_names"]

@@ -209,3 +209,6 @@ def load_config(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
     return parse(raw, path.resolve().parent)
+
+
+__all__ = ["parse", "load_config", "SCHEDULE_KEYS"]

@@ -51,7 +51,7 @@ KILL_AT = "THINKLENS_TEST_KILL_AT"
 _reached: Counter[str] = Counter()
 
 
-def kill_point(step: str) -> None:
+def _kill_point(step: str) -> None:
     """Test hook: SIGKILL this process at the N-th ``step`` if ``$THINKLENS_TEST_KILL_AT`` is
     ``"step:N"``; does nothing otherwise."""
     want = os.environ.get(KILL_AT)
@@ -106,7 +106,7 @@ def read_prompts(path: str | os.PathLike[str]) -> list[tuple[str, str, dict]]:
     return out
 
 
-def drop_torn_tail(path: Path) -> None:
+def _drop_torn_tail(path: Path) -> None:
     """Cut a JSONL file after its last complete line (what a killed writer left)."""
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
@@ -153,7 +153,7 @@ def run_capture(model: Any, records: Sequence[tuple[str, str]], out: str | os.Pa
     journal = out / PENDING
     pending: dict[str, Trace] = {}
     if journal.exists():
-        drop_torn_tail(journal)  # a kill mid-line; appending after it would bury it
+        _drop_torn_tail(journal)  # a kill mid-line; appending after it would bury it
         for row in read_jsonl(journal):
             pending[row["meta"]["id"]] = Trace.from_dict(row)
     todo = [(pid, p) for pid, p in records if pid not in done]
@@ -170,12 +170,12 @@ def run_capture(model: Any, records: Sequence[tuple[str, str]], out: str | os.Pa
                 tr.meta["id"] = pid
                 pending[pid] = tr
             _journal(journal, made)
-        kill_point("journaled")
+        _kill_point("journaled")
         store = model.capture([pending[pid] for pid, _ in part], sites=keys,
                               positions=positions, attention=attention, dtype=dtype,
                               store=store if store is not None else out,
                               batch_size=batch_size, budget=budget, progress=False)
-        kill_point("capture-chunk")
+        _kill_point("capture-chunk")
         bar.update(len(part))
         if log is not None:
             log(f"stored {len(store)} of {len(records)} traces in {out} "
@@ -186,3 +186,6 @@ def run_capture(model: Any, records: Sequence[tuple[str, str]], out: str | os.Pa
     if journal.exists() and all(pid in store for pid in pending):
         journal.unlink()
     return store
+
+
+__all__ = ["read_jsonl", "read_prompts", "run_capture"]

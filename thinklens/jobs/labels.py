@@ -41,7 +41,7 @@ class Labels:
     level: str           # "token" | "sentence" | "trace"
 
 
-def valid_names(task: Any = None) -> list[str]:
+def _valid_names(task: Any = None) -> list[str]:
     """Every label name that works for a model with this task (``None``: no task)."""
     return [*(task.label_sets if task is not None else {}), *GENERAL]
 
@@ -54,14 +54,14 @@ def check(name: Any, task: Any = None, *, task_known: bool = True) -> None:
     """
     if not isinstance(name, str):
         raise ConfigError(f"labels must be a name, got {name!r}; valid: "
-                          f"{', '.join(valid_names(task))}")
+                          f"{', '.join(_valid_names(task))}")
     if name in GENERAL[:-1] or (name.startswith("field:") and len(name) > 6):
         return
     if task is not None and name in task.label_sets:
         return
     if not task_known and TASK_NAME.match(name):
         return
-    names = valid_names(task)
+    names = _valid_names(task)
     owner = ("" if task is not None or not TASK_NAME.match(name) else
              " (a task's label set, and this model has no registered task)")
     raise ConfigError(f"unknown labels {name!r}{owner}.{did_you_mean(name, names)} Valid: "
@@ -96,3 +96,6 @@ def resolve(name: str, traces: Sequence[Any], rows: Sequence[dict] | None = None
         raise ConfigError(f"labels {name!r}: {len(absent)} prompt rows have no key {key!r} "
                           f"(first: row {absent[0] + 1}); keys present: {keys}")
     return Labels(name, [r[key] for r in rows], "trace")
+
+
+__all__ = ["Labels", "check", "resolve"]

@@ -84,7 +84,7 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def records(cfg: dict[str, Any]) -> list[tuple[str, str, dict]]:
+def _records(cfg: dict[str, Any]) -> list[tuple[str, str, dict]]:
     """(id, prompt, row) for every prompt of the study, in order."""
     p = cfg["prompts"]
     if p["file"] is not None:
@@ -234,7 +234,7 @@ def _probe(store, p: dict, rows: list[dict], out: Path, formats: list[str], task
     return {**record, "skipped": False}
 
 
-def describe(name: str, record: dict) -> str:
+def _describe(name: str, record: dict) -> str:
     """One line about a probe's result, as ``thinklens probe`` reports it."""
     s = record["summary"]
     main = "accuracy" if "accuracy" in s else "r2"
@@ -269,7 +269,7 @@ def run_study(config: str | Path | dict[str, Any], *, progress: bool = True,
         out.mkdir(parents=True, exist_ok=True)
         _check_state(out, cfg, rank)
         t0 = time.time()
-        recs = records(cfg)
+        recs = _records(cfg)
         _check_fields(cfg, [row for _, _, row in recs])  # before hours of generation
         m = cfg["model"]
         device = m["device"]
@@ -289,7 +289,7 @@ def run_study(config: str | Path | dict[str, Any], *, progress: bool = True,
         for p in tqdm(cfg["probe"], desc="probes", unit="probe", disable=not progress):
             results[p["name"]] = r = _probe(store, p, rows, out, cfg["output"]["figures"],
                                             model.task)
-            say(describe(p["name"], r))
+            say(_describe(p["name"], r))
         summary = {"model": model.name, "traces": len(store), "world_size": world,
                    "capture_seconds": round(t_capture, 1),
                    "probes": {n: {"labels": r["labels"], "level": r["level"], **r["summary"],
@@ -303,3 +303,6 @@ def run_study(config: str | Path | dict[str, Any], *, progress: bool = True,
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+__all__ = ["run_study"]

@@ -251,3 +251,6 @@ def _sentence_values(source: Any, sa: Any, i: int) -> np.ndarray:
         raise ConfigError(f"sentence attention of shape {vals.shape}; need "
                           "[layer, head, query_sentence, key_sentence] for one trace")
     return vals
+
+
+__all__ = ["plot_attention", "plot_sentence_attention"]

@@ -115,3 +115,6 @@ def plot_faithfulness(curve, *, title: str | None = None, size: str | None = Non
     fig.update_layout(title=title or f"faithfulness ({curve.metric}, {curve.total_edges} "
                                      "edges in the graph)")
     return apply(fig, size=size)
+
+
+__all__ = ["plot_circuit", "plot_faithfulness"]

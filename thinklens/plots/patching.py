@@ -341,3 +341,6 @@ def _same_cells(name: str, shape: tuple[int, ...], axes: tuple[str, ...], labels
             raise ConfigError(f"estimate {name!r} and exact label axis {a!r} differently: "
                               f"{labels[a][:6]}... vs {exact_labels[a][:6]}...; the cells must "
                               "be the same layers / positions / heads in the same order")
+
+
+__all__ = ["plot_patching", "plot_head_grid", "plot_attribution_scatter"]

@@ -90,3 +90,7 @@ def plot_dose_response(dose, *, size: str | None = None) -> go.Figure:
                                                              "color": DIVERGING[0][1]}))
     fig.update_layout(xaxis_title="steering strength α", yaxis_title="fraction")
     return apply(fig, size=size)
+
+
+__all__ = ["plot_probe_by_layer", "plot_probe_grid", "plot_logit_lens", "plot_early_exit",
+           "plot_dose_response"]

@@ -133,3 +133,6 @@ def _wrap(text: str) -> str:
             line = f"{line} {word}" if line else word
     lines.append(line)
     return "<br>".join(theme.escape(x) for x in lines)
+
+
+__all__ = ["plot_trace", "trace_of"]

@@ -37,3 +37,6 @@ def plot_training_curve(curve: list[dict], *, size: str | None = None) -> go.Fig
     fig = apply(fig, size=size)
     fig.update_layout(margin={"t": 50})
     return fig
+
+
+__all__ = ["plot_training_curve"]

@@ -211,3 +211,6 @@ def _table(t: Table) -> str:
             cells.append(f'<td class="{cls}">{text}</td>' if cls else f"<td>{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+__all__ = ["Table", "Figure", "Section", "Report", "FORMATS"]

@@ -109,7 +109,7 @@ def attention(model: Any, trs: list, heads: list[tuple[int, int]],
 def probes(model: Any, n_probe: int) -> Section:
     task = model.task
     if task is None or task.study_labels is None:
-        return skipped_probes(model)
+        return _skipped_probes(model)
     depths = (2, 3, 4)
     per = max(2, -(-n_probe // len(depths)))
     rows = sorted(task.problems(per * len(depths), depths=depths, seed=99),
@@ -138,7 +138,7 @@ def probes(model: Any, n_probe: int) -> Section:
     return s
 
 
-def skipped_probes(model: Any) -> Section:
+def _skipped_probes(model: Any) -> Section:
     return Section("Probes: where the computed value is",
                    "A probe sweep over layers for the value each thinking step computes.",
                    note=_needs_task(model, "this probe"))
@@ -273,3 +273,7 @@ def circuit(model: Any, pair: Any, exact_z: Any = None, at_least: float = 0.8) -
 def skipped_circuit(model: Any) -> Section:
     return Section("Circuit", "EAP-IG edge scores, a circuit and its faithfulness curve.",
                    note=_needs_task(model, "the circuit (found on the task's pair)"))
+
+
+__all__ = ["Patching", "traces", "attention", "probes", "logit_lens", "patching",
+           "skipped_patching", "circuit", "skipped_circuit"]

@@ -158,3 +158,6 @@ def _heads(model: Any, patching: Any) -> list[tuple[int, int]]:
         top = torch.topk(z.flatten(), min(2, z.numel())).indices.tolist()
         return [(k // z.shape[1], k % z.shape[1]) for k in top]
     return [(n_layers // 2, h) for h in range(min(2, n_heads))]
+
+
+__all__ = ["report", "study"]

@@ -108,3 +108,6 @@ def table(results: list[DepthResult]) -> str:
 
 def as_json(results: list[DepthResult]) -> list[dict]:
     return [asdict(r) for r in results]
+
+
+__all__ = ["DepthResult", "heldout_problems", "written_values", "evaluate", "table", "as_json"]

@@ -106,3 +106,7 @@ def organism_annotator(sentence: str) -> str:
     from the prompt, or the root's constant) or ``computation`` (``v = x op k = r``)."""
     n = len(sentence.replace(".", " ").split())
     return "computation" if n == 7 else "lookup" if n in (3, 5) else "other"
+
+
+__all__ = ["checkpoints", "organism_folder", "training_curve", "organism_segmenter",
+           "token_truth", "organism_annotator", "HERE"]

@@ -30,14 +30,14 @@ from thinklens.zoo.organism import token_truth
 from thinklens.zoo.task import OPS, problem_from_prompt
 
 
-def _organism_pair(model: Any, prompt: str, clean_think: list[str], corrupt_think: list[str],
+def _organism_pair(model: Any, prompts: tuple[str, str], clean_think: list[str], corrupt_think: list[str],
                    clean_answer: int, corrupt_answer: int, what: str) -> Pair:
     if clean_answer == corrupt_answer:
         raise ConfigError(f"{what} leaves the answer at {clean_answer}, so no logit difference "
                           "can measure it; change a variable on the asked chain")
     traces = [Trace.from_text(model, p, " ".join(t + ["</think>"]), meta=meta)
-              for p, t, meta in ((prompt[0], clean_think, {}),
-                                 (prompt[1], corrupt_think, {"corruption": what}))]
+              for p, t, meta in ((prompts[0], clean_think, {}),
+                                 (prompts[1], corrupt_think, {"corruption": what}))]
     return make_pair(model, traces[0], traces[1], answer=str(clean_answer),
                      wrong=str(corrupt_answer))
 
@@ -185,3 +185,6 @@ def lookup_step(model: Any, pair: Pair, var: str) -> Pair:
                           "corruption does not change this step")
     return make_pair(model, pair.clean_ids[:pos + 1], pair.corrupt_ids[:pos + 1],
                      answer=answer, wrong=wrong, answer_pos=pos)
+
+
+__all__ = ["change_constant", "change_thinking_value", "swap_names", "lookup_step"]

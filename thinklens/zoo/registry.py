@@ -149,3 +149,6 @@ def register() -> None:
     """Register the organism's name and task (idempotent)."""
     register_model("organism", organism_folder)
     register_task(ORGANISM)
+
+
+__all__ = ["OrganismTask", "register", "ORGANISM"]

@@ -179,7 +179,7 @@ class Problem:
                 "truth": [asdict(t) for t in self.token_truth()]}
 
 
-def parse_statement(text: str) -> Statement:
+def _parse_statement(text: str) -> Statement:
     """``"b = a - 2"`` -> Statement; the inverse of ``" ".join(s.tokens())``."""
     t = text.split()
     if len(t) == 3 and t[1] == "=" and t[2].isdigit():
@@ -194,7 +194,7 @@ def problem_from_prompt(prompt: str, *, direct: bool = False) -> Problem:
     body, sep, query = prompt.rpartition("?")
     if not sep:
         raise ConfigError(f"prompt {prompt!r} has no query; expected '... ; ? x'")
-    statements = [parse_statement(s) for s in body.split(";") if s.strip()]
+    statements = [_parse_statement(s) for s in body.split(";") if s.strip()]
     by_var = {s.var: s for s in statements}
     query = query.strip()
     if query not in by_var:
@@ -252,3 +252,7 @@ def generate(rng: random.Random, cfg: TaskConfig, *, depth: int | None = None,
         defined.append(var)
     rng.shuffle(statements)
     return Problem(statements, chain[-1], chain, _evaluate(statements), direct=direct)
+
+
+__all__ = ["TaskConfig", "Statement", "TokenTruth", "Problem", "problem_from_prompt",
+           "generate", "OPS", "VAR_NAMES"]

@@ -67,7 +67,7 @@ class TrainConfig:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
 
-def model_config(cfg: TrainConfig) -> LlamaConfig:
+def _model_config(cfg: TrainConfig) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(VOCAB), hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -77,15 +77,15 @@ def model_config(cfg: TrainConfig) -> LlamaConfig:
     )
 
 
-def encode(p: Problem) -> tuple[list[int], int]:
+def _encode(p: Problem) -> tuple[list[int], int]:
     """Token ids of the full sequence and the index of the first completion token."""
     prompt = [BOS] + [VOCAB[t] for t in p.prompt_tokens()] + [THINK]
     return prompt + [VOCAB[t] for t in p.completion.split()], len(prompt)
 
 
-def make_batch(problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _make_batch(problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(input_ids [b, T], attention_mask [b, T], labels [b, T])``, right-padded."""
-    rows = [encode(p) for p in problems]
+    rows = [_encode(p) for p in problems]
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), PAD)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -98,24 +98,24 @@ def make_batch(problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor, tor
     return ids, mask, labels
 
 
-def batch_problems(cfg: TrainConfig, step: int) -> list[Problem]:
+def _batch_problems(cfg: TrainConfig, step: int) -> list[Problem]:
     rng = random.Random(cfg.seed * 1_000_003 + step)
     return [generate(rng, cfg.task, direct=rng.random() < cfg.direct_frac)
             for _ in range(cfg.batch_size)]
 
 
-def heldout(cfg: TrainConfig, depth: int, n: int, direct: bool = False) -> list[Problem]:
+def _heldout(cfg: TrainConfig, depth: int, n: int, direct: bool = False) -> list[Problem]:
     """Held-out problems: a seed stream disjoint from training's (negative offsets)."""
     rng = random.Random(-(cfg.seed * 7919 + depth * 104729 + int(direct) + 1))
     return [generate(rng, cfg.task, depth=depth, direct=direct) for _ in range(n)]
 
 
 @torch.no_grad()
-def exact_match(model: LlamaForCausalLM, problems: list[Problem], chunk: int = 250) -> float:
+def _exact_match(model: LlamaForCausalLM, problems: list[Problem], chunk: int = 250) -> float:
     """Fraction of problems whose whole completion is reproduced by greedy decoding."""
     hits = 0
     for i in range(0, len(problems), chunk):
-        ids, mask, labels = make_batch(problems[i: i + chunk])
+        ids, mask, labels = _make_batch(problems[i: i + chunk])
         pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
         target = labels[:, 1:]
         ok = (pred == target) | (target == -100)
@@ -123,7 +123,7 @@ def exact_match(model: LlamaForCausalLM, problems: list[Problem], chunk: int = 2
     return hits / max(1, len(problems))
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
+def _lr_at(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -170,7 +170,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
         cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
     torch.set_num_threads(cfg.threads)  # fixed: float sums depend on the thread count
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(model_config(cfg))
+    model = LlamaForCausalLM(_model_config(cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98),
                             weight_decay=cfg.weight_decay)
     state_path, log_path = out / "state.pt", out / "log.jsonl"
@@ -193,8 +193,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
     t0 = time.time()
     while step < cfg.steps:
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
-        ids, mask, labels = make_batch(batch_problems(cfg, step))
+            g["lr"] = _lr_at(cfg, step)
+        ids, mask, labels = _make_batch(_batch_problems(cfg, step))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -206,13 +206,13 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             model.eval()
-            acc = {d: exact_match(model, heldout(cfg, d, cfg.eval_per_depth))
+            acc = {d: _exact_match(model, _heldout(cfg, d, cfg.eval_per_depth))
                    for d in range(cfg.task.min_depth, cfg.task.max_depth + 1)}
-            direct = {d: exact_match(model, heldout(cfg, d, cfg.eval_per_depth, True))
+            direct = {d: _exact_match(model, _heldout(cfg, d, cfg.eval_per_depth, True))
                       for d in range(cfg.task.min_depth, cfg.task.max_depth + 1)}
             model.train()
             row = {"step": step, "loss": sum(losses) / max(1, len(losses)),
-                   "lr": lr_at(cfg, step - 1), "acc_think": acc, "acc_direct": direct,
+                   "lr": _lr_at(cfg, step - 1), "acc_think": acc, "acc_direct": direct,
                    "seconds": round(time.time() - t0, 1)}
             rows.append(row)
             save_weights(model, out / f"step-{step:06d}")
@@ -255,3 +255,6 @@ def ship(run: Path, dest: Path, steps: list[int], final: int | None = None) -> N
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line]
     atomic_write_json(dest / "curve.json", rows, indent=0)
     atomic_write_json(dest / "train_config.json", cfg, indent=1)
+
+
+__all__ = ["TrainConfig", "save_weights", "train", "ship"]

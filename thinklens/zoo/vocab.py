@@ -46,5 +46,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def save_tokenizer(folder: str | Path) -> None:
+def _save_tokenizer(folder: str | Path) -> None:
     build_tokenizer().save_pretrained(str(folder))
+
+
+__all__ = ["build_tokenizer", "SPECIALS", "SYMBOLS"]
