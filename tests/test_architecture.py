@@ -234,3 +234,34 @@ def test_imports_between_modules_use_declared_names(name):
         bad += [f"line {line}: {mod}.{n}" for n in names
                 if n not in declared and f"{mod}.{n}" not in MODULES and n != "*"]
     assert not bad, f"{name} imports names their module does not declare in __all__: {bad}"
+
+
+def _annotation_dims(name: str) -> list[tuple[int, str]]:
+    """(line, dim) of every jaxtyping shape string in module ``name``."""
+    out = []
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and \
+                node.value.id in ("Float", "Int", "Bool", "Shaped", "Num", "Real", "Integer"):
+            elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else []
+            if len(elts) == 2 and isinstance(elts[1], ast.Constant) and \
+                    isinstance(elts[1].value, str):
+                out += [(node.lineno, d) for d in elts[1].value.split()]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_shape_annotations_use_the_axis_vocabulary(name):
+    from thinklens.hooks.axes import AXES
+
+    bad = [f"line {line}: {d!r}" for line, d in _annotation_dims(name)
+           if not (d.lstrip("*#") in AXES or d.isdigit() or d in ("...", "*axes"))]
+    assert not bad, f"{name} uses axis names outside thinklens.hooks.axes.AXES: {bad}"
+
+
+def test_captured_axes_use_the_axis_vocabulary(organism):
+    from thinklens.hooks.axes import AXES
+
+    trace = organism.think("a = 7 ; b = a + 2 ; ? b", max_new_tokens=24)
+    cap = organism.capture(trace, sites="blocks.0.*", attention="sentence", progress=False)
+    names = {a for key in cap.keys for a in cap[key].axes}
+    assert names - set(AXES) == set(), names - set(AXES)
