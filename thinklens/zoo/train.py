@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,12 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from thinklens.errors import ConfigError
-from thinklens.hooks._fileio import atomic_path, atomic_write_json, atomic_write_text
+from thinklens.hooks._fileio import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    replace_durably,
+)
 from thinklens.zoo.task import Problem, TaskConfig, generate
 from thinklens.zoo.vocab import SPECIALS, SYMBOLS, build_tokenizer
 
@@ -153,7 +157,7 @@ def save_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype = tor
         for f in folder.iterdir():
             f.unlink()
         folder.rmdir()
-    os.replace(tmp, folder)
+    replace_durably(tmp, folder)
 
 
 def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
@@ -167,7 +171,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
             raise ConfigError(f"{out} holds a run with another config ({cfg_path}); "
                               "resume with the same settings or choose a new --out")
     else:
-        cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
+        atomic_write_json(cfg_path, asdict(cfg), indent=1)
     torch.set_num_threads(cfg.threads)  # fixed: float sums depend on the thread count
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(_model_config(cfg))
