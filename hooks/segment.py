@@ -31,8 +31,10 @@ Both are plain callables, so a model may carry its own :data:`Segmenter` or
 
 Placing text in tokens, for :func:`thinklens.hooks.trace.build_trace`:
 :func:`align_tokens` gives each token its characters, :func:`find_think` the token
-ranges of the thinking and the answer, and :func:`assign_tokens` each sentence's tokens
-(a token goes to the sentence holding its first non-whitespace character).
+ranges of the thinking and the answer between tags, :func:`find_answer` the same for a
+completion without tags (its final answer, a ``\\boxed`` or the last line, ends the
+thinking), and :func:`assign_tokens` each sentence's tokens (a token goes to the sentence
+holding its first non-whitespace character).
 """
 
 from __future__ import annotations
@@ -247,13 +249,7 @@ def find_think(tokenizer: Any, ids: list[int], text: str, offsets: list[tuple[in
     def find(tag: str, lo: int, hi: int, last: bool = False) -> tuple[int, int] | None:
         return _find_tag(tokenizer, ids, text, offsets, tag, lo, hi, last)
 
-    tag_ids = {i for t in (think_open, think_close)
-               for i in tokenizer(t, add_special_tokens=False)["input_ids"]}
-    special = set(getattr(tokenizer, "all_special_ids", ())) - tag_ids
-    special.discard(getattr(tokenizer, "unk_token_id", None))
-    end = len(ids)
-    while end > n_prompt and ids[end - 1] in special:
-        end -= 1
+    end = content_end(tokenizer, ids, n_prompt, (think_open, think_close))
     opened = find(think_open, 0, n_prompt, last=True)
     # a <think> the prompt already closed (thinking switched off, earlier turns) yields to
     # one the model opens itself
@@ -265,6 +261,50 @@ def find_think(tokenizer: Any, ids: list[int], text: str, offsets: list[tuple[in
     if closed is None:
         return (opened[1], max(opened[1], end)), (end, end), "truncated"
     return (opened[1], closed[0]), (closed[1], max(closed[1], end)), "closed"
+
+
+def content_end(tokenizer: Any, ids: list[int], n_prompt: int, keep: Sequence[str] = ()) -> int:
+    """End of the completion's content: trailing special tokens (eos, pad) left out, except
+    the tokens that spell a string of ``keep`` (the thinking tags) and unk."""
+    keep_ids = {i for t in keep for i in tokenizer(t, add_special_tokens=False)["input_ids"]}
+    special = set(getattr(tokenizer, "all_special_ids", ())) - keep_ids
+    special.discard(getattr(tokenizer, "unk_token_id", None))
+    end = len(ids)
+    while end > n_prompt and ids[end - 1] in special:
+        end -= 1
+    return end
+
+
+_BOXED = "\\boxed"
+
+
+def find_answer(text: str, offsets: list[tuple[int, int]], n_prompt: int, end: int,
+                finished: bool | None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(think, answer)`` token ranges of a completion written without thinking tags.
+
+    The completion is tokens ``[n_prompt, end)``. Its final answer starts at the last
+    ``\\boxed``, else at the first non-whitespace character of its last non-blank line,
+    and runs to ``end``; everything before it is the thinking. A completion cut at the
+    token limit (``finished`` False) without a ``\\boxed`` never reached its final
+    answer: all of it is thinking and the answer is empty. The token that holds the
+    answer's first character starts the answer.
+    """
+    if end <= n_prompt:
+        return (n_prompt, n_prompt), (n_prompt, n_prompt)
+    c0, c1 = offsets[n_prompt][0], offsets[end - 1][1]
+    body = text[c0:c1]
+    p = body.rfind(_BOXED)
+    if p < 0 and finished is False:
+        return (n_prompt, end), (end, end)
+    if p < 0:
+        stripped = body.rstrip()
+        line = stripped.rfind("\n") + 1
+        p = line + len(stripped[line:]) - len(stripped[line:].lstrip())
+        if p >= len(stripped):  # a completion of whitespace only
+            return (n_prompt, n_prompt), (n_prompt, end)
+    # the first token ending after the answer's first character holds it
+    t = bisect_right([b for _, b in offsets], c0 + p, n_prompt, end)
+    return (n_prompt, t), (t, end)
 
 
 def check_segments(spans: Sequence[tuple[int, int]], text: str,
@@ -282,4 +322,4 @@ def check_segments(spans: Sequence[tuple[int, int]], text: str,
 
 
 __all__ = ["split_sentences", "tag_sentence", "assign_tokens", "align_tokens", "find_think",
-           "check_segments", "TAGS", "Annotator", "Segmenter"]
+           "find_answer", "content_end", "check_segments", "TAGS", "Annotator", "Segmenter"]

@@ -9,11 +9,26 @@ Building one (:func:`build_trace`, or :meth:`Trace.from_text` given a model):
    text-generation servers detokenize: each token gets the text that decoding it adds to
    a short window of the tokens before it. Tokens that end inside a UTF-8 character share
    that character's span, as fast tokenizers' offsets do.
-3. Find the thinking: the last ``<think>`` of the prompt (templates like
-   DeepSeek-R1-Distill's open it there), else the first of the completion; then the first
-   ``</think>`` after it. Without ``</think>`` the thinking runs to the end and the trace is
-   ``truncated``: kept and flagged, never dropped. Without ``<think>`` the whole completion
-   is answer and ``meta["no_think"]`` is True.
+3. Find the thinking, by the ``thinking`` mode (recorded in ``meta["thinking"]``):
+
+   - ``"tags"``: the last ``<think>`` of the prompt (templates like DeepSeek-R1-Distill's
+     open it there), else the first of the completion; then the first ``</think>`` after
+     it. Without ``</think>`` the thinking runs to the end and the trace is ``truncated``:
+     kept and flagged, never dropped. Without ``<think>`` the whole completion is answer
+     and ``meta["no_think"]`` is True.
+   - ``"answer"``, for chat models that write no tags (SmolLM2 answers step by step): the
+     completion up to its final answer is the thinking, and the final answer — from the
+     last ``\\boxed``, else the last non-blank line, to the end — is the answer
+     (:func:`~thinklens.hooks.segment.find_answer`). A completion cut at the token limit
+     without a ``\\boxed`` has no final answer: all of it is thinking. An empty thinking
+     sets ``meta["no_think"]``.
+   - ``"auto"`` (the default): ``"tags"`` when the rendered prompt or the completion holds
+     ``<think>``, else ``"answer"``.
+
+   Whatever the mode, a completion cut at ``max_new_tokens`` (``finished=False``, which
+   the generation engine knows) is ``truncated``; ``finished`` is kept in
+   ``meta["finished"]`` when given. From text alone (``finished=None``) only unclosed
+   thinking marks a trace truncated.
 4. Cut the thinking into sentences and tag each (Thought Anchors, Bogdan et al. 2025; see
    :mod:`thinklens.hooks.segment`). A token belongs to the sentence holding its first
    non-whitespace character; whitespace-only tokens between sentences belong to none.
@@ -48,6 +63,8 @@ from thinklens.hooks.segment import (
     align_tokens,
     assign_tokens,
     check_segments,
+    content_end,
+    find_answer,
     find_think,
     split_sentences,
     tag_sentence,
@@ -214,10 +231,11 @@ class Trace:
 
     @classmethod
     def from_text(cls, model: Any, prompt: str, completion: str, *,
-                  meta: dict[str, Any] | None = None) -> Trace:
-        """Trace of ``completion`` (text holding ``<think>...</think>``) after ``prompt``.
+                  meta: dict[str, Any] | None = None, thinking: str = "auto") -> Trace:
+        """Trace of ``completion`` (text holding ``<think>...</think>``, or not) after ``prompt``.
 
-        ``model`` needs ``tokenizer``, ``name`` and ``render_prompt(prompt) -> str``, and may
+        ``thinking`` is :func:`build_trace`'s (``"auto"``: tags when present, else the text
+        up to the final answer is the thinking). ``model`` needs ``tokenizer``, ``name`` and ``render_prompt(prompt) -> str``, and may
         carry ``segmenter``, ``annotator``, ``think_open``, ``think_close``.
         """
         missing = [a for a in ("tokenizer", "name", "render_prompt") if not hasattr(model, a)]
@@ -229,7 +247,8 @@ class Trace:
                            think_open=getattr(model, "think_open", None) or "<think>",
                            think_close=getattr(model, "think_close", None) or "</think>",
                            segmenter=getattr(model, "segmenter", None),
-                           annotator=getattr(model, "annotator", None), meta=meta)
+                           annotator=getattr(model, "annotator", None), meta=meta,
+                           thinking=thinking)
 
 
 _FINGERPRINTS: dict[int, tuple[weakref.ref[Any], int, str]] = {}
@@ -271,6 +290,7 @@ _SELECTORS = {
     "answer": lambda t: t.answer_span.range,
 }
 POSITION_SELECTORS: tuple[str, ...] = tuple(_SELECTORS)
+THINKING_MODES: tuple[str, ...] = ("auto", "tags", "answer")
 
 
 def positions(trace: Trace,
@@ -318,15 +338,30 @@ def build_trace(tokenizer: Any, *, prompt: str, rendered_prompt: str,
                 completion_text: str | None = None, model_name: str,
                 think_open: str = "<think>", think_close: str = "</think>",
                 segmenter: Segmenter | None = None, annotator: Annotator | None = None,
-                meta: dict[str, Any] | None = None) -> Trace:
+                meta: dict[str, Any] | None = None, thinking: str = "auto",
+                finished: bool | None = None) -> Trace:
     """A :class:`Trace` from a rendered prompt and a completion given as ids or as text.
 
     Example::
 
         trace = build_trace(tok, prompt="2+3?", rendered_prompt=render("2+3?"),
-                            completion_ids=generated_ids, model_name="r1-distill-1.5b")
+                            completion_ids=generated_ids, model_name="r1-distill-1.5b",
+                            finished=completion.finished)
         trace.text[slice(*trace.offsets[7])] == trace.tokens[7]  # True for every token
+        trace.meta["thinking"]     # 'tags' (it wrote <think>), else 'answer'
+
+    ``thinking`` is ``"tags"``, ``"answer"`` or ``"auto"`` (module docstring, step 3).
+    ``finished``: True when generation stopped at eos (or a stop token), False when it
+    was cut at ``max_new_tokens`` (then the trace is ``truncated`` in every mode), None
+    when unknown (a completion given as text).
     """
+    if thinking not in THINKING_MODES:
+        raise ConfigError(f"thinking={thinking!r}; valid: {', '.join(map(repr, THINKING_MODES))}"
+                          " ('tags': <think> ... </think>; 'answer': the completion up to its "
+                          "final answer is the thinking; 'auto': tags when present)")
+    if finished is not None and not isinstance(finished, bool):
+        raise ConfigError(f"finished={finished!r}; give True (stopped at eos), False (cut at "
+                          "max_new_tokens) or None (unknown)")
     if (completion_ids is None) == (completion_text is None):
         got = "both" if completion_text is not None else "neither"
         raise ConfigError("give exactly one of completion_ids= (generated token ids) or "
@@ -346,15 +381,25 @@ def build_trace(tokenizer: Any, *, prompt: str, rendered_prompt: str,
     offsets = prompt_offsets + [(a + shift, b + shift) for a, b in completion_offsets]
     token_ids = prompt_ids + ids
     meta = dict(meta or {})
-    think, answer, state = find_think(tokenizer, token_ids, text, offsets, len(prompt_ids),
+    n_prompt = len(prompt_ids)
+    think, answer, state = find_think(tokenizer, token_ids, text, offsets, n_prompt,
                                       think_open, think_close)
+    mode = thinking if thinking != "auto" else "answer" if state == "absent" else "tags"
+    if mode == "answer":
+        end = content_end(tokenizer, token_ids, n_prompt)
+        think, answer = find_answer(text, offsets, n_prompt, end, finished)
+        state = "closed" if think[0] < think[1] else "absent"
     if state == "absent":
         meta["no_think"] = True
+    meta["thinking"] = mode
+    if finished is not None:
+        meta["finished"] = finished
     trace = Trace(model_name=model_name, tokenizer_id=tokenizer_fingerprint(tokenizer),
                   prompt=prompt, text=text, token_ids=token_ids,
                   tokens=[text[a:b] for a, b in offsets], offsets=offsets,
                   prompt_span=Span(0, len(prompt_ids)), think_span=Span(*think),
-                  answer_span=Span(*answer), sentences=[], truncated=state == "truncated",
+                  answer_span=Span(*answer), sentences=[],
+                  truncated=state == "truncated" or finished is False,
                   meta=meta)
     trace.sentences = _sentences(trace, segmenter or split_sentences, annotator or tag_sentence)
     return trace
@@ -399,4 +444,4 @@ def _sentences(trace: Trace, segmenter: Segmenter, annotator: Annotator) -> list
 
 
 __all__ = ["Span", "Sentence", "Trace", "tokenizer_fingerprint", "check_tokenizer",
-           "positions", "build_trace", "POSITION_SELECTORS"]
+           "positions", "build_trace", "POSITION_SELECTORS", "THINKING_MODES"]

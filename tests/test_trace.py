@@ -419,3 +419,62 @@ def test_custom_segmenter_and_annotator(bpe):
     assert [s.text for s in t.sentences] == ["Okay,", "2", "+", "3", "=", "5."]
     assert t.tags == ["word", "digit", "word", "digit", "word", "digit"]
     assert all(len(s.span) >= 1 for s in t.sentences)
+
+
+STEPS = "Step one: 2 + 3 = 5.\nThen double it: 5 * 2 = 10.\nThe answer is 10."
+
+
+def test_answer_mode_last_line(bpe):
+    """A chat model without tags: the lines before the last are the thinking."""
+    model = FakeModel(bpe, CHATML)
+    for thinking in ("auto", "answer"):
+        t = Trace.from_text(model, "Why?", f"{STEPS}<|im_end|>", thinking=thinking)
+        _check_alignment(t)
+        assert t.meta["thinking"] == "answer" and "no_think" not in t.meta
+        assert t.think_span.start == t.prompt_span.end
+        assert t.thinking_text.strip() == "Step one: 2 + 3 = 5.\nThen double it: 5 * 2 = 10."
+        assert t.answer_text.strip() == "The answer is 10." and t.answer_span.end == len(t) - 1
+        assert [s.text for s in t.sentences] == ["Step one: 2 + 3 = 5.", "Then double it: 5 * 2 = 10."]
+        assert t.tags == ["computation", "computation"] and not t.truncated
+        assert positions(t, "sentence_ends").tolist() == [s.end - 1 for s in t.sentences]
+    tags = Trace.from_text(model, "Why?", f"{STEPS}<|im_end|>", thinking="tags")
+    assert tags.meta["no_think"] is True and tags.meta["thinking"] == "tags"
+    assert len(tags.think_span) == 0 and tags.sentences == []
+
+
+def test_answer_mode_boxed_and_cut(bpe):
+    model = FakeModel(bpe, CHATML)
+    text = "So 2 + 3 = 5, and we double it.\nThat gives \\boxed{10}. Done, I think."
+    t = Trace.from_text(model, "Why?", text)
+    _check_alignment(t)
+    assert t.answer_text.strip() == "\\boxed{10}. Done, I think."
+    assert t.thinking_text.strip() == "So 2 + 3 = 5, and we double it.\nThat gives"
+    # cut at the token limit: no final answer, all thinking, truncated
+    ids = bpe(STEPS, add_special_tokens=False)["input_ids"][:-3]
+    kw = dict(prompt="Why?", rendered_prompt=model.render_prompt("Why?"), model_name="m")
+    cut = build_trace(bpe, completion_ids=ids, finished=False, **kw)
+    assert cut.truncated and cut.meta["finished"] is False and len(cut.answer_span) == 0
+    assert cut.think_span == Span(cut.prompt_span.end, len(cut)) and len(cut.sentences) == 3
+    whole = build_trace(bpe, completion_ids=ids, finished=True, **kw)
+    assert not whole.truncated and len(whole.answer_span) > 0 and len(whole.sentences) == 2
+    assert not build_trace(bpe, completion_ids=ids, **kw).truncated  # unknown: not flagged
+
+
+def test_truncated_in_every_mode(bpe, r1_trace):
+    """finished=False flags a trace whose thinking closed; finished=True keeps today's flag."""
+    completion = f"<think>\n{COMPLETION}"
+    ids = bpe(completion, add_special_tokens=False)["input_ids"]
+    kw = dict(prompt="p", rendered_prompt=CHATML.format(prompt="p"), model_name="m")
+    assert not build_trace(bpe, completion_ids=ids, finished=True, **kw).truncated
+    assert build_trace(bpe, completion_ids=ids, finished=False, **kw).truncated
+    unclosed = bpe("<think>\nOkay, so", add_special_tokens=False)["input_ids"]
+    assert build_trace(bpe, completion_ids=unclosed, finished=True, **kw).truncated
+    forced = build_trace(bpe, completion_ids=ids, thinking="answer", **kw)
+    assert forced.meta["thinking"] == "answer" and "</think>" in forced.thinking_text
+    # traces saved before meta["thinking"] existed still load
+    old = r1_trace.to_dict()
+    del old["meta"]["thinking"]
+    assert Trace.from_dict(old).meta == {"truth": 5}
+    assert Trace.from_json(r1_trace.to_json()) == r1_trace
+    with pytest.raises(ConfigError, match=r"thinking='think'.*'auto', 'tags', 'answer'"):
+        build_trace(bpe, completion_ids=ids, thinking="think", **kw)
