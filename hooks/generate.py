@@ -1,63 +1,90 @@
-"""Generation of reasoning traces (``Model.think``): template, sample, build a Trace.
+"""Generation of reasoning traces (``Model.think``): render, tokenize, decode, build Traces.
 
-Prompts whose rendered token length is equal run as one batch, so no padding enters
-generation and every trace is exactly what a one-by-one call gives.
+1. Render each prompt with the chat template and tokenize it (no added special tokens).
+2. Send one :class:`~thinklens.hooks.engine.Request` per prompt to the engine chosen by
+   name (``engine=``, else the model's ``default_engine``, ``"hf"`` unless loaded
+   otherwise): ``"hf"`` is :class:`~thinklens.hooks.engine_hf.HFEngine`, ``"vllm"`` is
+   :class:`~thinklens.hooks.engine_vllm.VLLMEngine`. Engines are made once per Model and
+   kept on it (``model._engines``).
+3. Build each Trace from the prompt's ids and the completion's ids as generated, with
+   ``finished`` telling whether generation stopped at eos or was cut at the limit.
+
+Seeds: prompt ``i`` of ``think_batch(prompts, seed=s)`` is generated with seed ``s + i``,
+so it equals ``think(prompts[i], seed=s + i)`` token for token; ``seed=None`` draws each
+prompt's seed from torch's global generator (``torch.manual_seed`` makes it
+reproducible). Hooks: while hooks are attached (``model.n_hooks() > 0``) only the
+``"hf"`` engine can run them; it then decodes through the bridge so they fire.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from thinklens.errors import ConfigError
+from thinklens.hooks.engine import Completion, Request, Sampling, check_engine
+from thinklens.hooks.engine_hf import HFEngine
+from thinklens.hooks.engine_vllm import VLLMEngine
 from thinklens.hooks.trace import build_trace
 
 
-def generate_many(model, prompts: list[str], *, max_new_tokens: int, temperature: float,
+def engine_for(model: Any, engine: str | None = None) -> HFEngine | VLLMEngine:
+    """The model's engine named ``engine`` (default: ``model.default_engine``), made once."""
+    name = check_engine(engine if engine is not None else getattr(model, "default_engine", "hf"))
+    engines = model.__dict__.setdefault("_engines", {})
+    if name not in engines:
+        engines[name] = HFEngine(model) if name == "hf" else VLLMEngine(model)
+    return engines[name]
+
+
+def generate_ids(model: Any, requests: Sequence[Request], sampling: Sampling, *,
+                 engine: str | None = None, progress: bool | None = None,
+                 batch_size: int | None = None) -> list[list[Completion]]:
+    """``requests[k].n`` completions per request from the named engine, in request order.
+
+    Example::
+
+        ids = model.encode(model.render_prompt("a = 7 ; ? a"))
+        [[c0, c1]] = generate_ids(model, [Request(ids, n=2, seed=0)],
+                                  Sampling(max_new_tokens=32, temperature=1.0))
+        c0.ids, c0.finished      # generated ids (eos included), True if it stopped at eos
+
+    ``batch_size``: rows per forward pass of the ``"hf"`` engine (vLLM schedules itself).
+    """
+    eng = engine_for(model, engine)
+    if eng.name != "hf" and model.n_hooks() > 0:
+        raise ConfigError(f"engine={eng.name!r} cannot run the {model.n_hooks()} hook(s) "
+                          "attached to the model (steering, model.hooks); generate inside "
+                          "them with engine='hf'")
+    if isinstance(eng, HFEngine):
+        return eng.generate(requests, sampling, progress=progress, batch_size=batch_size)
+    return eng.generate(requests, sampling, progress=progress)
+
+
+def generate_many(model: Any, prompts: list[str], *, max_new_tokens: int, temperature: float,
                   seed: int | None, meta: dict | None, batch_size: int = 64,
-                  progress: bool | None = None) -> list:
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens}; must be >= 1")
-    if temperature < 0:
-        raise ConfigError(f"temperature={temperature}; must be >= 0 (0 = greedy)")
+                  progress: bool | None = None, top_p: float = 1.0,
+                  engine: str | None = None, thinking: str = "auto") -> list:
+    """One Trace per prompt (module docstring); ``think_batch`` calls this."""
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     rendered = [model.render_prompt(p) for p in prompts]
     ids = [model.encode(r) for r in rendered]
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, seq in enumerate(ids):
-        groups[len(seq)].append(i)
-    tok = model.tokenizer
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    completions: dict[int, list[int]] = {}
-    chunks = [g[j: j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
-    show = progress if progress is not None else len(prompts) > 8
-    hf = model.hf
-    with torch.random.fork_rng(devices=[] if model.device.type == "cpu" else [model.device]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        for chunk in tqdm(chunks, desc="think", disable=not show):
-            x = torch.tensor([ids[i] for i in chunk], device=model.device)
-            kw = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
-                  "pad_token_id": pad, "eos_token_id": eos,
-                  "attention_mask": torch.ones_like(x)}
-            if temperature > 0:
-                kw.update(temperature=temperature, top_k=0, top_p=1.0)
-            else:
-                kw.update(temperature=None, top_k=None, top_p=None)
-            with torch.no_grad():
-                out = hf.generate(x, **kw)
-            for row, i in zip(out[:, x.shape[1]:].tolist(), chunk):
-                if eos in row:
-                    row = row[: row.index(eos) + 1]
-                completions[i] = row
-    info = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-            **(meta or {})}
-    return [build_trace(tok, prompt=p, rendered_prompt=r, completion_ids=completions[i],
+    if seed is None:
+        seeds = [int(torch.randint(2**62, ())) for _ in prompts]
+    else:
+        seeds = [int(seed) + i for i in range(len(prompts))]
+    requests = [Request(x, n=1, seed=s) for x, s in zip(ids, seeds)]
+    done = generate_ids(model, requests, sampling, engine=engine, progress=progress,
+                        batch_size=batch_size)
+    name = engine if engine is not None else getattr(model, "default_engine", "hf")
+    info = {"max_new_tokens": max_new_tokens, "temperature": temperature, "engine": name, **({"top_p": top_p} if top_p != 1.0 else {}), **(meta or {})}
+    return [build_trace(model.tokenizer, prompt=p, rendered_prompt=r, completion_ids=c.ids,
                         model_name=model.name, segmenter=model.segmenter,
-                        annotator=model.annotator, meta=dict(info))
-            for i, (p, r) in enumerate(zip(prompts, rendered))]
+                        annotator=model.annotator, meta={**info, "seed": s},
+                        thinking=thinking, finished=c.finished)
+            for p, r, s, [c] in zip(prompts, rendered, seeds, done)]
 
 
-__all__ = ["generate_many"]
+__all__ = ["engine_for", "generate_ids", "generate_many"]

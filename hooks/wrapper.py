@@ -13,6 +13,7 @@ import torch
 from thinklens.errors import ConfigError
 from thinklens.hooks.capture import capture as _capture
 from thinklens.hooks.generate import generate_many
+from thinklens.hooks.rollouts import rollouts as _rollouts
 from thinklens.hooks.sites import canonical_sites, resolve_sites
 from thinklens.hooks.task import Task, task_for
 from thinklens.hooks.trace import tokenizer_fingerprint
@@ -43,6 +44,8 @@ class Model:
     ``annotator`` (how thinking is split into sentences and tagged; the task's, else
     ``None`` = thinklens's defaults).
     """
+
+    default_engine: str = "hf"  # the engine think/think_batch/rollouts use unless told
 
     def __init__(self, *, name: str, bridge, tokenizer, revision: str | None = None,
                  segmenter: Callable | None = None, annotator: Callable | None = None,
@@ -110,7 +113,8 @@ class Model:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def think(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
-              seed: int | None = None, meta: dict | None = None):
+              top_p: float = 1.0, seed: int | None = None, meta: dict | None = None,
+              engine: str | None = None, thinking: str = "auto"):
         """Generate a reasoning trace for ``prompt`` (chat template applied).
 
         Example::
@@ -118,18 +122,48 @@ class Model:
             trace = model.think("a = 7 ; b = a + 2 ; ? b", max_new_tokens=64)
             trace.thinking_text   # 'b = a + 2 . a = 7 . b = 7 + 2 = 9 .'
             trace.answer_text     # '9'
+
+        ``engine``: ``"hf"`` (plain Hugging Face decoding on the model's weights) or
+        ``"vllm"``; default ``model.default_engine``. Inside ``model.hooks`` (or
+        ``probes.steer``) the ``"hf"`` engine decodes through the bridge, so the hooks
+        apply. ``thinking``: ``"tags"``, ``"answer"`` or ``"auto"``, see
+        :func:`thinklens.hooks.trace.build_trace`. Greedy at ``temperature=0``.
         """
         return self.think_batch([prompt], max_new_tokens=max_new_tokens,
-                                temperature=temperature, seed=seed, meta=meta)[0]
+                                temperature=temperature, top_p=top_p, seed=seed, meta=meta,
+                                engine=engine, thinking=thinking)[0]
 
     def think_batch(self, prompts: Sequence[str], *, max_new_tokens: int = 256,
-                    temperature: float = 0.0, seed: int | None = None,
+                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                     meta: dict | None = None, batch_size: int = 64,
-                    progress: bool | None = None):
-        """:meth:`think` for several prompts; prompts of equal token length share a batch."""
+                    progress: bool | None = None, engine: str | None = None,
+                    thinking: str = "auto"):
+        """:meth:`think` for several prompts, batched (left padding; mixed lengths share a
+        batch). Prompt ``i`` with ``seed=s`` gives what ``think(prompts[i], seed=s + i)``
+        gives, token for token."""
         return generate_many(self, list(prompts), max_new_tokens=max_new_tokens,
-                             temperature=temperature, seed=seed, meta=meta,
-                             batch_size=batch_size, progress=progress)
+                             temperature=temperature, top_p=top_p, seed=seed, meta=meta,
+                             batch_size=batch_size, progress=progress, engine=engine,
+                             thinking=thinking)
+
+    def rollouts(self, trace, *, at: Any = "all", n: int = 10, temperature: float = 0.7,
+                 top_p: float = 1.0, max_new_tokens: int = 256, engine: str | None = None,
+                 seed: int = 0, answer: Callable | None = None, reference: str | None = None,
+                 journal: Any = None, budget: float | None = None,
+                 progress: bool | None = None):
+        """Regenerate ``trace`` ``n`` times from each cut point (``at``: sentence indices,
+        ``"all"``, or ``{"tokens": [...]}``) and score the answers; see
+        :func:`thinklens.hooks.rollouts.rollouts`.
+
+        Example::
+
+            ro = model.rollouts(trace, at=[0, 2], n=50, temperature=1.0, max_new_tokens=48)
+            ro[1].counts, ro[1].accuracy, ro[1].interval   # sentence 2 resampled
+        """
+        return _rollouts(self, trace, at=at, n=n, temperature=temperature, top_p=top_p,
+                         max_new_tokens=max_new_tokens, engine=engine, seed=seed,
+                         answer=answer, reference=reference, journal=journal, budget=budget,
+                         progress=progress)
 
     # ---- capture ------------------------------------------------------------------------
     def capture(self, traces, *, sites=(), positions: Any = "all", attention: Any = None,
