@@ -38,8 +38,7 @@ from thinklens.hooks.activations import ActivationReader
 from thinklens.hooks.dtypes import parse_dtype
 from thinklens.hooks.sites import is_pattern_site
 from thinklens.hooks.store import Store
-from thinklens.hooks.trace import Trace, check_tokenizer
-from thinklens.hooks.trace import positions as select_positions
+from thinklens.hooks.trace import Trace, check_tokenizer, positions_of, warn_lacking
 
 SENTENCE_KEY = "sentence_attention"
 
@@ -227,7 +226,10 @@ def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any =
     if not site_list and not sentence and not heads:
         raise ConfigError("nothing to capture: give sites= (e.g. 'blocks.*.hook_resid_post') "
                           "and/or attention= ('sentence' or [(layer, head), ...])")
-    pos = [select_positions(t, positions) for t in traces]
+    pos = positions_of(traces, positions)  # warns when traces lack thinking/sentences
+    if sentence:
+        warn_lacking(traces, [k for k, t in enumerate(traces) if not t.sentences],
+                     "thinking sentences (attention='sentence')")
     out_dtype = parse_dtype(dtype) or model.dtype
     shapes = _site_shapes(model, site_list) if site_list else {}
     axes = {s: _axes(model, s, shapes[s]) for s in site_list}

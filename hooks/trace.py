@@ -44,6 +44,8 @@ import hashlib
 import json
 import operator
 import os
+import sys
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -55,7 +57,13 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from thinklens.errors import ConfigError, PositionError, TokenizerMismatchError, did_you_mean
+from thinklens.errors import (
+    ConfigError,
+    PositionError,
+    ThinklensWarning,
+    TokenizerMismatchError,
+    did_you_mean,
+)
 from thinklens.hooks._fileio import atomic_write_text
 from thinklens.hooks.segment import (
     Annotator,
@@ -333,6 +341,50 @@ def positions(trace: Trace,
     return torch.tensor(out, dtype=torch.long)
 
 
+# what a selector needs that a trace may lack (their rows come out empty)
+_NEEDS = {"thinking": "thinking tokens", "sentence_ends": "thinking sentences"}
+
+
+def positions_of(traces: Sequence[Trace],
+                 selector: str | int | Sequence[int] | Tensor | np.ndarray) -> list[Tensor]:
+    """:func:`positions` of every trace, with one :class:`ThinklensWarning` naming the
+    traces that lack what ``"thinking"`` or ``"sentence_ends"`` asks for.
+
+    Example::
+
+        pos = positions_of(traces, "thinking")   # [tensor([10, 11, 12]), tensor([])]
+        # ThinklensWarning: 1 of 2 traces have no thinking tokens: trace 1 ('p1') ...
+    """
+    out = [positions(t, selector) for t in traces]
+    if isinstance(selector, str) and selector in _NEEDS:
+        warn_lacking(traces, [k for k, p in enumerate(out) if not len(p)],
+                     f"{_NEEDS[selector]} (positions={selector!r})")
+    return out
+
+
+def warn_lacking(traces: Sequence[Trace], lacking: Sequence[int], what: str) -> None:
+    """Warn once (:class:`ThinklensWarning`) that ``traces[k]`` for ``k in lacking`` have no
+    ``what``, naming the first few by index and ``meta["id"]``; nothing when none lack it."""
+    if not lacking:
+        return
+    names = [f"trace {k}" + (f" ({traces[k].meta['id']!r})" if "id" in traces[k].meta else "")
+             for k in lacking[:5]]
+    more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+    untagged = any(traces[k].meta.get("no_think") and traces[k].meta.get("thinking", "tags")
+                   == "tags" for k in lacking)
+    hint = (" Traces of a model that writes no <think> tags get their thinking from "
+            "thinking='answer' (or 'auto')." if untagged else "")
+    # point at the user's call: skip thinklens's frames (and the run-time type checkers'
+    # wrappers around its functions); stacklevel 2 is the frame of warn_lacking's caller
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+            "thinklens", "jaxtyping", "beartype"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(ThinklensWarning(
+        f"{len(lacking)} of {len(traces)} traces have no {what}: {', '.join(names)}{more}; "
+        f"their rows are empty.{hint}"), stacklevel=level)
+
+
 def build_trace(tokenizer: Any, *, prompt: str, rendered_prompt: str,
                 completion_ids: Sequence[int] | Tensor | None = None,
                 completion_text: str | None = None, model_name: str,
@@ -444,4 +496,5 @@ def _sentences(trace: Trace, segmenter: Segmenter, annotator: Annotator) -> list
 
 
 __all__ = ["Span", "Sentence", "Trace", "tokenizer_fingerprint", "check_tokenizer",
-           "positions", "build_trace", "POSITION_SELECTORS", "THINKING_MODES"]
+           "positions", "positions_of", "warn_lacking", "build_trace", "POSITION_SELECTORS",
+           "THINKING_MODES"]

@@ -35,8 +35,7 @@ from torch import Tensor
 
 from thinklens.errors import ConfigError
 from thinklens.hooks import forward as fwd
-from thinklens.hooks.trace import Trace
-from thinklens.hooks.trace import positions as select_positions
+from thinklens.hooks.trace import Trace, positions_of, warn_lacking
 from thinklens.probes.data import ProbeData, split_traces
 from thinklens.probes.linear import fit_probe
 
@@ -104,7 +103,7 @@ def logit_lens(model, traces, *, answer: Any = None, layers: Any = "all",
     traces = fwd.as_traces(model, traces)
     sites = layer_sites(model, layers)
     ans = answer_ids(model, traces, answer)
-    pos = [select_positions(t, positions) for t in traces]
+    pos = positions_of(traces, positions)  # warns when traces lack thinking/sentences
     n, n_layers, width = len(traces), len(sites), max((len(p) for p in pos), default=0)
     rank = torch.full((n, n_layers, width), -1, dtype=torch.long)
     top = torch.full((n, n_layers, width), -1, dtype=torch.long)
@@ -166,6 +165,8 @@ def answer_probe(model, traces, *, answers: Sequence | None = None, layers: Any 
         pts = [[s.end - 1 for s in t.sentences] for t in traces]
         n_pts = max((len(p) for p in pts), default=0)
         bins = [f"sentence {k}" for k in range(n_pts)]
+    warn_lacking(traces, [k for k, p in enumerate(pts) if not p],
+                 "thinking tokens" if by == "relative" else "thinking sentences")
     feats = torch.zeros(len(traces), len(sites), n_pts, model.config.d_model)
     has = torch.zeros(len(traces), n_pts, dtype=torch.bool)
     for i, p in enumerate(pts):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from thinklens.hooks.trace import (
     build_trace,
     check_tokenizer,
     positions,
+    positions_of,
     tokenizer_fingerprint,
 )
 
@@ -478,3 +480,34 @@ def test_truncated_in_every_mode(bpe, r1_trace):
     assert Trace.from_json(r1_trace.to_json()) == r1_trace
     with pytest.raises(ConfigError, match=r"thinking='think'.*'auto', 'tags', 'answer'"):
         build_trace(bpe, completion_ids=ids, thinking="think", **kw)
+
+
+def test_warns_naming_traces_that_lack_thinking(organism, bpe):
+    """positions='thinking' / 'sentence_ends', attention='sentence' and the lens over the
+    thinking warn once, naming the traces whose rows are empty."""
+    from thinklens.errors import ThinklensWarning
+    from thinklens.probes.lens import logit_lens
+
+    full = organism.think("b = 4 ; ? b", max_new_tokens=24)
+    direct = Trace.from_text(organism, "b = 4 ; ? b", "</think> 4 <eos>", meta={"id": "direct"})
+    assert len(full.sentences) and not len(direct.think_span)
+    traces = [full, direct, direct]
+    with pytest.warns(ThinklensWarning) as seen:
+        cap = organism.capture(traces, sites="blocks.0.hook_resid_post", positions="thinking",
+                               attention="sentence")
+    msgs = [str(w.message) for w in seen]
+    assert len(msgs) == 2 and all(w.filename == __file__ for w in seen)  # points at this call
+    assert msgs[0].startswith("2 of 3 traces have no thinking tokens (positions='thinking'): "
+                              "trace 1 ('direct'), trace 2 ('direct')")
+    assert "thinking sentences (attention='sentence')" in msgs[1]
+    assert cap["blocks.0.hook_resid_post"].values.shape[1] == len(full.think_span)
+    with pytest.warns(ThinklensWarning, match="2 of 3 traces have no thinking tokens"):
+        logit_lens(organism, traces)
+    with pytest.warns(ThinklensWarning, match=r"1 of 1 traces have no thinking sentences.*"
+                                              r"trace 0; .*thinking='answer'"):
+        positions_of([Trace.from_text(FakeModel(bpe, CHATML), "Hi", "Quick reply.<|im_end|>",
+                                      thinking="tags")], "sentence_ends")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing lacking: no warning
+        organism.capture([full], sites="blocks.0.hook_resid_post", positions="sentence_ends")
+        positions_of(traces, "all")

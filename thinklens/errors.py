@@ -49,6 +49,12 @@ class StoreError(ThinklensError):
     """An activation store that is missing, incompatible, truncated or altered."""
 
 
+class ThinklensWarning(UserWarning):
+    """Something a user should know but that does not stop the computation, e.g. traces
+    that lack the thinking positions or sentences a request asks for (their rows are
+    empty). Silence it with ``warnings.simplefilter("ignore", ThinklensWarning)``."""
+
+
 def _closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The few valid names closest to ``name``, for 'did you mean' messages."""
     return difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
@@ -64,4 +70,4 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
 
 __all__ = ["ThinklensError", "ConfigError", "ModelLoadError", "UnsupportedArchitectureError",
            "SiteError", "PositionError", "TokenizerMismatchError", "BudgetError", "StoreError",
-           "did_you_mean"]
+           "ThinklensWarning", "did_you_mean"]
