@@ -141,7 +141,7 @@ class HFEngine:
                  progress: bool | None = None, batch_size: int | None = None,
                  ) -> list[list[Completion]]:
         """``n`` completions per request, in request order."""
-        rows = batch_size or self.batch_size
+        rows = self.batch_size if batch_size is None else batch_size
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ConfigError(f"batch_size={rows!r}; give an integer >= 1")
         for k, r in enumerate(requests):

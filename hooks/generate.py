@@ -53,11 +53,12 @@ def generate_ids(model: Any, requests: Sequence[Request], sampling: Sampling, *,
 
     ``batch_size``: rows per forward pass of the ``"hf"`` engine (vLLM schedules itself).
     """
-    eng = engine_for(model, engine)
-    if eng.name != "hf" and model.n_hooks() > 0:
-        raise ConfigError(f"engine={eng.name!r} cannot run the {model.n_hooks()} hook(s) "
+    name = check_engine(engine if engine is not None else getattr(model, "default_engine", "hf"))
+    if name != "hf" and model.n_hooks() > 0:
+        raise ConfigError(f"engine={name!r} cannot run the {model.n_hooks()} hook(s) "
                           "attached to the model (steering, model.hooks); generate inside "
                           "them with engine='hf'")
+    eng = engine_for(model, name)
     if isinstance(eng, HFEngine):
         return eng.generate(requests, sampling, progress=progress, batch_size=batch_size)
     return eng.generate(requests, sampling, progress=progress)
