@@ -12,10 +12,12 @@ zoo, as a :class:`Task`, and reaches the tools through ``model.task``:
 2. :func:`thinklens.load` resolves a registered name to its folder; the :class:`Model` it
    builds asks :func:`task_for` which task (if any) matches its Hugging Face config and
    keeps it as ``model.task`` (``None`` for a model with no registered task).
-3. General code asks the task, never the zoo: ``model.task.answer(trace)``,
+3. General code asks the task, never the zoo: ``model.task.answer(trace)`` (the true
+   answer), ``model.task.extract_answer(trace)`` (the answer the trace wrote),
    ``model.task.label_sets["organism.value"]``, ``model.task.pairs["change_constant"]``;
-   each method of the base class raises a :class:`~thinklens.errors.ConfigError` that
-   says what the model lacks and what to pass instead.
+   each method of the base class (but ``extract_answer``, which has a generic default)
+   raises a :class:`~thinklens.errors.ConfigError` that says what the model lacks and
+   what to pass instead.
 
 Example::
 
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from thinklens.errors import ConfigError, did_you_mean
+from thinklens.hooks.answers import generic_answer
 
 Segmenter = Callable[[str], list[tuple[int, int]]]
 Annotator = Callable[[str], str]
@@ -80,6 +83,11 @@ class Task:
         """The true final answer of ``trace``'s prompt, as the model should write it."""
         raise ConfigError(f"the task {self.name!r} cannot tell the true answer of a prompt; "
                           "pass answers= (one per trace)")
+
+    def extract_answer(self, trace: Any) -> str | None:
+        """The final answer ``trace`` wrote, or ``None``; by default the last ``\\boxed{}``,
+        else the last number (:func:`thinklens.hooks.answers.generic_answer`)."""
+        return generic_answer(trace)
 
     def token_truth(self, trace: Any) -> list:
         """Per-token ground truth of ``trace`` (``None`` where unknown)."""

@@ -105,6 +105,13 @@ class OrganismTask(Task):
     def answer(self, trace: Any) -> str:
         return str(problem_from_prompt(trace.prompt).answer)
 
+    def extract_answer(self, trace: Any) -> str | None:
+        """The first non-blank token after ``</think>`` (``None`` when there is none)."""
+        for i in trace.answer_span.range:
+            if trace.tokens[i].strip():
+                return trace.tokens[i].strip()
+        return None
+
     def token_truth(self, trace: Any) -> list:
         return token_truth(trace)
 
