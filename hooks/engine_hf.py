@@ -12,9 +12,10 @@ instead, built without bridge components and holding the *same* weight tensors:
 2. **Batches.** Requests sorted by length are packed into batches of at most
    ``batch_size`` rows; prompts of different lengths are left-padded, with an attention
    mask and position ids counted from each row's first real token.
-3. **Prefill once per request.** Each request's prefix runs once; its KV cache is then
-   expanded to its ``n`` rows (a request with more rows than a batch holds keeps its
-   prefill and expands it chunk by chunk), so rollouts from one cut point share it.
+3. **Prefill once per prefix.** Each distinct prefix of a batch runs once (requests
+   with equal ids share it); its KV cache is then expanded to its rows (a request with
+   more rows than a batch holds keeps its prefill and expands it chunk by chunk), so
+   rollouts from one cut point share it.
 4. **Decode loop.** Each step feeds the last token of every live row through the cache.
    Greedy at temperature 0; otherwise softmax(logits / T), cut to the top-p nucleus,
    and inverse-CDF sampling with one uniform per row and step from that row's own CPU
@@ -163,16 +164,20 @@ class HFEngine:
         try:
             with ctx:
                 for group in _pack(requests, rows):
-                    pre = _prefill(net, [requests[i].prompt_ids for i in group], self.model)
-                    units = [(g, j) for g, i in enumerate(group) for j in range(requests[i].n)]
+                    # requests with the same prefix share one prefill row
+                    row_of: dict[tuple[int, ...], int] = {}
+                    for i in group:
+                        row_of.setdefault(tuple(requests[i].prompt_ids), len(row_of))
+                    pre = _prefill(net, [list(k) for k in row_of], self.model)
+                    units = [(i, j) for i in group for j in range(requests[i].n)]
                     for a in range(0, len(units), rows):
                         chunk = units[a:a + rows]
-                        gens = [torch.Generator().manual_seed(sample_seed(seeds[group[g]], j))
-                                for g, j in chunk]
-                        done = _decode(net, pre, [g for g, _ in chunk], gens, sampling,
-                                       stops, bar, t0)
-                        for (g, j), c in zip(chunk, done):
-                            out[group[g]][j] = c
+                        gens = [torch.Generator().manual_seed(sample_seed(seeds[i], j))
+                                for i, j in chunk]
+                        owner = [row_of[tuple(requests[i].prompt_ids)] for i, _ in chunk]
+                        done = _decode(net, pre, owner, gens, sampling, stops, bar, t0)
+                        for (i, j), c in zip(chunk, done):
+                            out[i][j] = c
         finally:
             bar.close()
         return out  # type: ignore[return-value]
