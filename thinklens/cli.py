@@ -1,7 +1,7 @@
 """The ``thinklens`` command line: argument definitions, then one job call per command.
 
 Run ``thinklens --help`` or ``thinklens CMD --help``. Each command calls one function of
-:mod:`thinklens.jobs` (demo, capture, sites, probe), :mod:`thinklens.report` or
+:mod:`thinklens.jobs` (demo, think, capture, sites, probe), :mod:`thinklens.report` or
 :mod:`thinklens.zoo` (organism train/ship/eval) and prints what it returns; the work and
 its progress bars live there, and nothing imports this module.
 """
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from thinklens.errors import ThinklensError
+from thinklens.errors import ConfigError, ThinklensError
 from thinklens.hooks.model import load
 from thinklens.jobs import commands
 from thinklens.jobs.study import run_study
@@ -69,13 +69,56 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="organism", help="model spec (default: organism)")
     d.add_argument("--out", default="thinklens-demo", help="output folder (default: %(default)s)")
 
-    c = sub.add_parser("capture", help="generate traces for prompts and capture them to a store",
-                       description="Read prompts (JSONL: one {\"prompt\": ..., \"id\": ...} per "
-                       "line, id optional), generate a reasoning trace for each, and capture the "
-                       "chosen sites into the store at --out. Rerunning resumes: traces already "
-                       "generated or stored are not recomputed.")
+    t = sub.add_parser(
+        "think", help="generate reasoning traces for prompts into a JSONL traces file "
+        "(resumable; no capture)",
+        description="Read prompts (JSONL: one {\"prompt\": ..., \"id\": ...} per line, id "
+        "optional), generate --samples traces of each with the chosen engine, and append them "
+        "to --out as JSON lines (one trace per line; meta holds id, prompt_id, sample and the "
+        "run's settings). Rerunning resumes: (prompt, sample) pairs already in --out are "
+        "skipped, and a last line cut by a kill is dropped and regenerated. Sample j of the "
+        "prompt on line k (from 0) is seeded SEED + k*SAMPLES + j, so with --samples 1 the file "
+        "equals model.think_batch(prompts, seed=SEED). The files are checked before the model "
+        "loads. Capture the traces later, anywhere, with: thinklens capture --traces OUT ...",
+        epilog="Models that write no <think> tags (chat models such as SmolLM2): --thinking "
+        "answer makes the completion up to its final answer (a \\boxed{...}, else the last "
+        "line) the thinking; auto (default) does so when no tags are present.")
+    t.add_argument("--model", default="organism", help="model spec (default: organism)")
+    t.add_argument("--prompts", required=True, help="JSONL file of prompts")
+    t.add_argument("--out", required=True, help="JSONL traces file (created or resumed)")
+    t.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="hf: Hugging Face decoding on the model's weights (default); vllm: "
+                        "the vLLM engine (pip install 'thinklens[vllm]')")
+    t.add_argument("--samples", type=int, default=1,
+                   help="traces per prompt, each with its own seed (default: 1; >1 needs "
+                        "--temperature > 0)")
+    t.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    t.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
+    t.add_argument("--max-new-tokens", type=int, default=256,
+                   help="generation limit; a trace cut there is flagged truncated (default: 256)")
+    t.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
+    t.add_argument("--thinking", choices=["auto", "tags", "answer"], default="auto",
+                   help="where the thinking is: tags = <think>...</think>; answer = the "
+                        "completion up to its final answer; auto = tags when present (default)")
+    t.add_argument("--batch-size", type=int, default=64, help="sequences generated at once")
+    t.add_argument("--chunk", type=int, default=64,
+                   help="traces per saved round; a kill loses at most one round (default: 64)")
+    t.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: auto)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("capture", help="capture activations of prompts (generating traces) or "
+                       "of a traces file into a store",
+                       description="Either read prompts (--prompts, JSONL: one "
+                       "{\"prompt\": ..., \"id\": ...} per line, id optional), generate a "
+                       "reasoning trace for each and capture the chosen sites into the store at "
+                       "--out; or read the traces `thinklens think` wrote (--traces) and capture "
+                       "them as they are, without generating (no generation engine starts). "
+                       "Rerunning resumes: traces already generated or stored are not "
+                       "recomputed. The input file is checked before the model loads.")
     c.add_argument("--model", default="organism", help="model spec (default: organism)")
-    c.add_argument("--prompts", required=True, help="JSONL file of prompts")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="JSONL file of prompts (generate, then capture)")
+    src.add_argument("--traces", help="JSONL traces file from `thinklens think` (capture only)")
     c.add_argument("--sites", nargs="+", default=["blocks.*.hook_resid_post"],
                    help="hook names or globs (default: blocks.*.hook_resid_post)")
     c.add_argument("--out", required=True, help="store folder (created or resumed)")
@@ -83,16 +126,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="all | thinking | sentence_ends | last | prompt | answer")
     c.add_argument("--attention", choices=["none", "sentence"], default="none",
                    help="also store per-head sentence×sentence mean attention")
-    c.add_argument("--max-new-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.0)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--max-new-tokens", type=int, default=None,
+                   help="with --prompts: generation limit (default: 256)")
+    c.add_argument("--temperature", type=float, default=None,
+                   help="with --prompts: 0 = greedy (default)")
+    c.add_argument("--seed", type=int, default=None, help="with --prompts: seed (default: 0)")
+    c.add_argument("--thinking", choices=["auto", "tags", "answer"], default=None,
+                   help="with --prompts: where the thinking is (see `thinklens think --help`; "
+                        "default: auto)")
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--dtype", default=None, help="stored dtype: float32 | float16 | bfloat16")
     c.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: auto)")
     c.add_argument("--budget", default=None, help="memory budget, e.g. 8GB (default: 60%% of free)")
     c.add_argument("--chunk", type=int, default=32,
-                   help="prompts per round of generation + capture; each round is saved "
-                        "before the next starts (default: 32)")
+                   help="with --prompts: prompts per round of generation + capture; each round "
+                        "is saved before the next starts (default: 32)")
 
     pr = sub.add_parser(
         "probe", help="run a probing study from a TOML file: prompts -> traces -> store -> "
@@ -180,13 +228,38 @@ def _demo(args) -> int:
     return 0
 
 
+def _think(args) -> int:
+    res = commands.think(args.prompts, args.out, model=args.model, device=args.device,
+                         engine=args.engine, samples=args.samples,
+                         temperature=args.temperature, top_p=args.top_p,
+                         max_new_tokens=args.max_new_tokens, seed=args.seed,
+                         thinking=args.thinking, batch_size=args.batch_size, chunk=args.chunk,
+                         progress=not args.no_progress)
+    cut = sum(t.truncated for t in res.traces)
+    _say(f"{len(res.traces)} traces in {args.out} ({res.written} written this run, {cut} "
+         f"truncated at --max-new-tokens) in {res.seconds:.1f} s")
+    return 0
+
+
+_GENERATION = {"max_new_tokens": 256, "temperature": 0.0, "seed": 0, "thinking": "auto"}
+
+
 def _capture(args) -> int:
-    res = commands.capture(args.prompts, args.out, model=args.model, device=args.device,
-                           sites=args.sites, positions=args.positions,
-                           attention=None if args.attention == "none" else args.attention,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
-                           budget=args.budget, chunk=args.chunk)
+    gen = {k: getattr(args, k) for k in _GENERATION}
+    common = {"positions": args.positions, "batch_size": args.batch_size, "dtype": args.dtype,
+              "budget": args.budget,
+              "attention": None if args.attention == "none" else args.attention}
+    if args.traces is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in gen.items() if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} set(s) generation, but --traces captures "
+                              "traces already made; drop it, or generate with `thinklens think`")
+        res = commands.capture(None, args.out, traces=args.traces, model=args.model,
+                               device=args.device, sites=args.sites, **common)
+    else:
+        gen = {k: v if v is not None else _GENERATION[k] for k, v in gen.items()}
+        res = commands.capture(args.prompts, args.out, model=args.model, device=args.device,
+                               sites=args.sites, chunk=args.chunk, **gen, **common)
     _say(f"stored {len(res.store)} traces × {len(res.store.keys)} keys in {args.out} "
          f"({res.seconds:.1f} s)")
     return 0
@@ -244,7 +317,7 @@ def _organism_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo, "capture": _capture, "sites": _sites, "probe": _probe,
+COMMANDS = {"demo": _demo, "think": _think, "capture": _capture, "sites": _sites, "probe": _probe,
             "report": _report, "organism train": _organism_train,
             "organism ship": _organism_ship, "organism eval": _organism_eval}
 

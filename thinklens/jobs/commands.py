@@ -1,4 +1,4 @@
-"""The small jobs behind ``thinklens demo``, ``thinklens capture`` and ``thinklens sites``.
+"""The small jobs behind ``thinklens demo``, ``think``, ``capture`` and ``sites``.
 
 Each returns data (a dataclass or a list) and prints nothing; :mod:`thinklens.cli` parses
 the arguments, calls one of these and prints the result.
@@ -7,8 +7,13 @@ the arguments, calls one of these and prints the result.
   per-head sentence×sentence attention into ``OUT/store`` (resumable, through
   :func:`thinklens.jobs.journal.run_capture`), write each trace to ``OUT/traces/`` and a
   summary to ``OUT/summary.json``.
-- :func:`capture` — a JSONL prompts file into a store, resumable.
+- :func:`think` — a JSONL prompts file into a JSONL traces file, resumable (through
+  :func:`thinklens.jobs.traces.run_think`).
+- :func:`capture` — a JSONL prompts file (generate, then capture) or a traces file
+  (capture only, no generation) into a store, resumable.
 - :func:`site_names` — a model's site (hook) names matching a glob.
+
+Files are checked before the model is loaded: a bad line is refused with its number.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from thinklens.errors import ConfigError
 from thinklens.hooks._fileio import atomic_write_json
 from thinklens.hooks.model import load
 from thinklens.hooks.store import Store
 
 from .journal import read_prompts, run_capture
+from .traces import ThinkResult, check_think_args, plan_think, read_traces, run_think
 
 DEMO_PROMPTS = [
     "c = b + 4 ; a = 7 ; b = a - 2 ; ? c",
@@ -87,15 +94,58 @@ def demo(model: str = "organism", out: str | os.PathLike[str] = "thinklens-demo"
     return DemoResult(store, m.name, out, summary)
 
 
-def capture(prompts: str | os.PathLike[str], out: str | os.PathLike[str], *,
-            model: str = "organism", device: str | None = None, sites: Sequence[str] = (),
-            progress: bool = True, **kw: Any) -> CaptureResult:
-    """Generate a trace for each prompt of a JSONL file and capture it into the store ``out``.
+def think(prompts: str | os.PathLike[str], out: str | os.PathLike[str], *,
+          model: str = "organism", device: str | None = None, engine: str = "hf",
+          samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+          max_new_tokens: int = 256, seed: int = 0, thinking: str = "auto",
+          progress: bool = True, **kw: Any) -> ThinkResult:
+    """Generate ``samples`` traces per prompt of a JSONL file into the traces file ``out``.
 
-    ``kw`` goes to :func:`thinklens.jobs.journal.run_capture` (positions, attention,
-    max_new_tokens, temperature, seed, batch_size, dtype, budget, chunk). The prompts file
-    is checked before the model is loaded.
+    Example::
+
+        res = think("prompts.jsonl", "traces.jsonl", samples=4, temperature=0.7)
+        res.written, len(res.traces)    # traces written this run, traces in the file
+
+    ``kw`` goes to :func:`thinklens.jobs.traces.run_think` (batch_size, chunk, log). The
+    prompts file, the settings and an existing ``out`` are checked before the model loads.
     """
+    records = [(pid, p) for pid, p, _ in read_prompts(prompts)]
+    run = check_think_args(samples=samples, temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens, seed=seed, engine=engine,
+                           thinking=thinking)
+    plan_think(records, Path(out), run)  # a bad or mismatched traces file fails here
+    m = load(model, device=device)
+    return run_think(m, records, out, samples=samples, temperature=temperature, top_p=top_p,
+                     max_new_tokens=max_new_tokens, seed=seed, engine=engine,
+                     thinking=thinking, progress=progress, **kw)
+
+
+def capture(prompts: str | os.PathLike[str] | None, out: str | os.PathLike[str], *,
+            model: str = "organism", device: str | None = None, sites: Sequence[str] = (),
+            progress: bool = True, traces: str | os.PathLike[str] | None = None,
+            **kw: Any) -> CaptureResult:
+    """Capture a JSONL prompts file (generating a trace for each) or a traces file into
+    the store ``out``.
+
+    With ``prompts``, ``kw`` goes to :func:`thinklens.jobs.journal.run_capture`
+    (positions, attention, max_new_tokens, temperature, seed, batch_size, dtype, budget,
+    chunk). With ``traces`` (a file ``thinklens think`` wrote), nothing is generated and
+    no generation engine starts: the traces are captured as they are, exactly as
+    ``model.capture(read_traces(traces), store=out, ...)`` would (``kw``: positions,
+    attention, batch_size, dtype, budget); traces already in the store are skipped. The
+    input file is checked before the model is loaded.
+    """
+    if (prompts is None) == (traces is None):
+        raise ConfigError("give exactly one of prompts= (generate, then capture) or traces= "
+                          "(capture traces made before, e.g. by `thinklens think`)")
+    if traces is not None:
+        given = read_traces(traces)
+        m = load(model, device=device)
+        t0 = time.time()
+        keys = m.sites(sites) if sites else []
+        Path(out).mkdir(parents=True, exist_ok=True)
+        store = m.capture(given, sites=keys, store=Path(out), progress=progress, **kw)
+        return CaptureResult(store, time.time() - t0)
     records = [(pid, p) for pid, p, _ in read_prompts(prompts)]
     m = load(model, device=device)
     t0 = time.time()
@@ -108,4 +158,4 @@ def site_names(model: str = "organism", match: str = "*") -> list[str]:
     return [n for n in load(model).site_names if fnmatch.fnmatchcase(n, match)]
 
 
-__all__ = ["DemoResult", "CaptureResult", "demo", "capture", "site_names"]
+__all__ = ["DemoResult", "CaptureResult", "demo", "think", "capture", "site_names"]
