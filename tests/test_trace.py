@@ -511,3 +511,29 @@ def test_warns_naming_traces_that_lack_thinking(organism, bpe):
         warnings.simplefilter("error")  # nothing lacking: no warning
         organism.capture([full], sites="blocks.0.hook_resid_post", positions="sentence_ends")
         positions_of(traces, "all")
+
+
+@pytest.mark.smollm
+def test_smollm_answer_mode_gives_sentences_and_tags(smollm):
+    """SmolLM2 answers step by step without <think>: with thinking='answer' its traces get
+    a thinking span cut into tagged sentences and the last line (or nothing, when cut at
+    the limit) as the answer; with thinking='tags' the same ids have no thinking at all."""
+    prompts = ["What is 12 + 7? Think step by step.",
+               "A shop sells pens at 3 dollars each. How much do 4 pens cost? Explain step by step."]
+    traces = smollm.think_batch(prompts, max_new_tokens=96, thinking="answer")
+    for t in traces:
+        _check_alignment(t)
+        assert t.meta["thinking"] == "answer" and t.truncated == (not t.meta["finished"])
+        assert len(t.sentences) >= 1 and set(t.tags) <= set(TAGS)
+        assert t.think_span.start == t.prompt_span.end and t.think_span.end == t.answer_span.start
+        body = t.completion_text.replace("<|im_end|>", "")
+        assert t.thinking_text + t.answer_text == body
+        last = body.rstrip().rsplit("\n", 1)[-1].strip()
+        assert t.answer_text.strip() == ("" if t.truncated else last)
+        assert positions(t, "sentence_ends").tolist() == [s.end - 1 for s in t.sentences]
+        tagged = build_trace(smollm.tokenizer, prompt=t.prompt, model_name=smollm.name,
+                             rendered_prompt=smollm.render_prompt(t.prompt),
+                             completion_ids=t.token_ids[len(t.prompt_span):], thinking="tags")
+        assert tagged.meta["no_think"] and tagged.sentences == [] and not len(tagged.think_span)
+    assert sum(len(t.sentences) for t in traces) >= 3
+    assert {"computation", "planning"} & {tag for t in traces for tag in t.tags}
