@@ -15,7 +15,8 @@
    timed).
 4. Interleaved rounds (order rotated, one warm-up round that also starts any engine);
    tokens are counted per row up to and including eos; a method's figure is the median
-   over rounds of its tokens/s divided by plain generate's tokens/s in the same round.
+   over rounds of its tokens/s divided by plain generate's tokens/s in the same round,
+   on the wall clock and on this process's CPU time (steadier on a shared machine).
 5. Trace building is timed on its own (``build_trace`` over the last call's rows).
 
 Target (issue 10): think_batch >= 0.9x plain generate on SmolLM2.
@@ -163,11 +164,12 @@ def run(ctx, work, methods: list[str], rounds: int, device: str) -> dict:
     res = {}
     for n in methods:
         toks = tokens[n][-rounds:]  # the warm-up call is not timed
-        rate = [k / t for k, t in zip(toks, times["wall"][n])]
-        base_rate = [k / t for k, t in zip(tokens[base][-rounds:], times["wall"][base])]
-        res[n] = {"tokens": toks, "wall_s": times["wall"][n], "cpu_s": times["cpu"][n],
-                  "tok_s": statistics.median(rate),
-                  "ratio": statistics.median(a / b for a, b in zip(rate, base_rate))}
+        res[n] = {"tokens": toks, "wall_s": times["wall"][n], "cpu_s": times["cpu"][n]}
+        for clock, key in (("wall", ""), ("cpu", "_cpu")):
+            rate = [k / t for k, t in zip(toks, times[clock][n])]
+            base_rate = [k / t for k, t in zip(tokens[base][-rounds:], times[clock][base])]
+            res[n]["tok_s" + key] = statistics.median(rate)
+            res[n]["ratio" + key] = statistics.median(a / b for a, b in zip(rate, base_rate))
     res["_trace_build_s"] = trace_build_s(ctx, outputs[base])
     if work.temperature == 0:
         res["_same_tokens_as_baseline"] = {n: outputs[n] == outputs[base] for n in methods}
@@ -219,17 +221,18 @@ def main(argv=None) -> dict:
             per["workloads"][label] = res
             for n in methods:
                 rows.append([which, label, n, f"{res[n]['tok_s']:.0f}", f"{res[n]['ratio']:.2f}",
+                             f"{res[n]['ratio_cpu']:.2f}",
                              f"{statistics.median(res[n]['wall_s']):.3f}",
                              statistics.median(res[n]["tokens"])])
-            rows.append([which, label, "(Trace building alone)", "", "",
+            rows.append([which, label, "(Trace building alone)", "", "", "",
                          f"{res['_trace_build_s']:.3f}", ""])
         results["models"][which] = per
         m = ctx.memory
         print(f"{which}: plain tree added {m['plain_tree_added_bytes'] / 1e6:.1f} MB for "
               f"{m['weights_bytes'] / 1e6:.1f} MB of weights; {m['params_sharing_storage']}/"
               f"{m['params']} parameters share the bridge's storage")
-    print(table(rows, ["model", "workload", "method", "tok/s", "x plain", "median s",
-                       "tokens"]))
+    print(table(rows, ["model", "workload", "method", "tok/s", "x plain", "x plain (cpu)",
+                       "median s", "tokens"]))
     path = save(f"generate-{args.device}", results, args.out)
     print(f"wrote {path}")
     return results

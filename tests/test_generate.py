@@ -231,3 +231,14 @@ def test_bad_generation_args(qwen2):
         qwen2.think("a = 1 ; ? a", engine="vllm")
     assert isinstance(engine_for(qwen2), HFEngine) and engine_for(qwen2) is engine_for(qwen2)
     assert thinklens.Trace is type(qwen2.think("a = 1 ; ? a", max_new_tokens=1))
+
+
+def test_smollm2_plain_path_matches_the_bridge(smollm):
+    """A real GGUF chat model (tied embeddings): greedy = uncached argmax over the bridge."""
+    prompt = "What is 2 + 3?"
+    trace = smollm.think(prompt, max_new_tokens=6)
+    assert engine_for(smollm).net()[1]  # decoded on the plain tree
+    assert trace.token_ids[trace.prompt_span.end:] == _greedy_no_cache(smollm, prompt, 6)
+    plain = engine_for(smollm).plain
+    emb = plain.get_input_embeddings().weight
+    assert emb.data_ptr() == smollm.hf.get_input_embeddings().weight.data_ptr()
