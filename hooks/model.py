@@ -8,7 +8,8 @@
 3. Check the architecture is one the bridge supports, then
    ``TransformerBridge.boot_transformers(name, hf_model=..., tokenizer=...)``.
 4. Wrap it in a :class:`~thinklens.hooks.wrapper.Model`, which finds the model's task
-   (``model.task``) in the registry.
+   (``model.task``) in the registry and keeps where the weights came from
+   (``model.source``: the folder, file or hub name, for engines that load them again).
 """
 
 from __future__ import annotations
@@ -147,15 +148,18 @@ def load(spec: str | Path = "organism", *, device: str | None = None,
         hf, tok, _ = _hf_load(str(folder), dtype=torch_dtype, device_map=device_map,
                               revision=None, trust_remote_code=False)
         name = spec if checkpoint is None else f"{spec}@{checkpoint}"
+        source = str(folder)
     else:
         hf, tok, name = _hf_load(spec, dtype=torch_dtype, device_map=device_map,
                                  revision=revision, trust_remote_code=trust_remote_code)
+        path = Path(spec).expanduser()
+        source = str(path.resolve()) if path.exists() else spec
     if device_map is None:
         hf = hf.to(device)
     hf.eval()
     bridge = _bridge(name, hf, tok, device=device, dtype=torch_dtype or next(hf.parameters()).dtype,
                      device_map=device_map)
-    return Model(name=name, bridge=bridge, tokenizer=tok, revision=revision)
+    return Model(name=name, bridge=bridge, tokenizer=tok, revision=revision, source=source)
 
 
 __all__ = ["load", "supported_architectures"]

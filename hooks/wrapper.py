@@ -42,15 +42,17 @@ class Model:
     (:class:`ModelConfig`), ``device``, ``dtype``, ``site_names``, ``task`` (the model's
     own task from :mod:`thinklens.hooks.task`, or ``None``), ``segmenter`` and
     ``annotator`` (how thinking is split into sentences and tagged; the task's, else
-    ``None`` = thinklens's defaults).
+    ``None`` = thinklens's defaults), ``source`` (the folder, ``.gguf`` file or hub name
+    the weights were loaded from; ``None`` for a Model built in memory).
     """
 
     default_engine: str = "hf"  # the engine think/think_batch/rollouts use unless told
 
     def __init__(self, *, name: str, bridge, tokenizer, revision: str | None = None,
                  segmenter: Callable | None = None, annotator: Callable | None = None,
-                 task: Task | None = None):
+                 task: Task | None = None, source: str | None = None):
         self.name = name
+        self.source = source
         self.revision = revision
         self.bridge = bridge
         self.tokenizer = tokenizer
@@ -197,6 +199,15 @@ class Model:
             for block in getattr(self.bridge, "blocks", []):
                 if hasattr(block, "_teardown_capture_hooks"):
                     block._teardown_capture_hooks()
+
+    def close(self) -> None:
+        """Shut down the generation engines this Model started (vLLM's processes).
+
+        The Model stays usable; an engine asked for again starts anew. Engines are also
+        shut down when the Model is garbage-collected and at interpreter exit.
+        """
+        for engine in self.__dict__.pop("_engines", {}).values():
+            engine.close()
 
     def n_hooks(self) -> int:
         """Hooks attached to the model's hook points (0 outside a ``hooks`` block).
