@@ -10,9 +10,12 @@
    ids per row): ``plain generate`` (``generate`` with SDPA, ``num_return_sequences``),
    ``thinklens think_batch`` (the public call, Traces included), ``thinklens
    generate_ids`` (the engine alone: one Request with ``n`` rows, prefix computed once).
-   The vLLM rows (``vllm direct``, ``thinklens engine=vllm``) go into the same table:
-   functions of the same signature (an engine they start in the warm-up round is not
-   timed).
+   The vLLM rows (when vllm imports): ``vllm direct`` (``LLM.generate`` with
+   ``SamplingParams(n=N)`` on the same weights, started with the engine's settings),
+   ``thinklens engine=vllm`` (``think_batch``, Traces included) and ``thinklens
+   generate_ids vllm`` (the engine alone); engines start in the warm-up round, untimed.
+   vLLM 0.32 reads no GGUF: for SmolLM2 its rows run on the same de-quantized weights
+   saved once as a folder (``.cache/smollm2-hf``).
 4. Interleaved rounds (order rotated, one warm-up round that also starts any engine);
    tokens are counted per row up to and including eos; a method's figure is the median
    over rounds of its tokens/s divided by plain generate's tokens/s in the same round,
@@ -80,12 +83,72 @@ def _generate_ids(ctx, work) -> list[list[int]]:
     return [c.ids for c in rows]
 
 
+def _vllm_model(ctx):
+    """The Model the vLLM rows run on: ``ctx.model`` itself, or for a GGUF file (which
+    vLLM 0.32 cannot read) the same de-quantized weights saved once as a folder."""
+    if "vmodel" not in ctx.__dict__:
+        ctx.vmodel = ctx.model
+        if str(ctx.model.source).endswith(".gguf"):
+            import thinklens
+
+            folder = CACHE / "smollm2-hf"
+            if not (folder / "config.json").exists():
+                ctx.plain.save_pretrained(str(folder))
+                ctx.model.tokenizer.save_pretrained(str(folder))
+            ctx.vmodel = thinklens.load(str(folder), device=str(ctx.model.device))
+    return ctx.vmodel
+
+
+def _vllm_direct(ctx, work) -> list[list[int]]:
+    """vLLM's ``LLM.generate`` on the same weights, as a user of vLLM would call it."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    if "llm" not in ctx.__dict__:  # the settings thinklens's engine starts vLLM with
+        from vllm.platforms import current_platform
+
+        m = _vllm_model(ctx)
+        cpu = {"enforce_eager": True, "kv_cache_memory_bytes": 1 << 30} \
+            if current_platform.is_cpu() else {}
+        ctx.llm = LLM(model=m.source, dtype=str(m.dtype).removeprefix("torch."), seed=0,
+                      enable_prefix_caching=True, **cpu)
+    params = SamplingParams(n=work.n, max_tokens=work.max_new_tokens,
+                            temperature=work.temperature, seed=0 if work.temperature else None,
+                            detokenize=False)
+    [out] = ctx.llm.generate([TokensPrompt(prompt_token_ids=ctx.prompt_ids)], params,
+                             use_tqdm=False)
+    return [list(c.token_ids) for c in out.outputs]
+
+
+def _engine_vllm(ctx, work) -> list[list[int]]:
+    """``think_batch(..., engine="vllm")``: the public call, Traces included."""
+    traces = _vllm_model(ctx).think_batch([ctx.prompt] * work.n, engine="vllm",
+                                          max_new_tokens=work.max_new_tokens,
+                                          temperature=work.temperature, seed=0, progress=False)
+    return [t.token_ids[t.prompt_span.end:] for t in traces]
+
+
+def _generate_ids_vllm(ctx, work) -> list[list[int]]:
+    from thinklens.hooks.engine import Request, Sampling
+    from thinklens.hooks.generate import generate_ids
+
+    [rows] = generate_ids(_vllm_model(ctx), [Request(ctx.prompt_ids, n=work.n, seed=0)],
+                          Sampling(work.max_new_tokens, work.temperature), engine="vllm",
+                          progress=False)
+    return [c.ids for c in rows]
+
+
 METHODS: dict[str, Callable] = {
     "plain generate": _plain_generate,      # the baseline of every ratio: keep it first
     "thinklens think_batch": _think_batch,
     "thinklens generate_ids": _generate_ids,
-    # "vllm direct": ..., "thinklens engine=vllm": ...   <- added by the vLLM benchmark
+    # vLLM (needs vllm importable; its engine works in other processes, so the CPU-time
+    # ratio of these rows is not comparable: read the wall clock)
+    "vllm direct": _vllm_direct,
+    "thinklens engine=vllm": _engine_vllm,
+    "thinklens generate_ids vllm": _generate_ids_vllm,
 }
+VLLM_METHODS = ("vllm direct", "thinklens engine=vllm", "thinklens generate_ids vllm")
 
 
 def _until_eos(row: list[int], eos: int) -> list[int]:
@@ -186,7 +249,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="timed rounds")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--methods", default=",".join(METHODS),
+    import importlib.util
+
+    default = [m for m in METHODS
+               if m not in VLLM_METHODS or importlib.util.find_spec("vllm") is not None]
+    p.add_argument("--methods", default=",".join(default),
                    help=f"comma-separated, the first is the baseline; from: {', '.join(METHODS)}")
     p.add_argument("--out", default=None, help="JSON path (default results/generate-DEVICE.json)")
     return p.parse_args(argv)

@@ -5,7 +5,8 @@ a vLLM ``LLM`` and gets token ids back:
 
 1. **Start** (once per Model, when ``engine="vllm"`` is first asked for): vLLM loads the
    weights the Model was loaded from (``model.source``: the organism's folder, a local
-   Hugging Face folder, a hub name at ``model.revision``) in the Model's dtype, with
+   Hugging Face folder, a hub name at ``model.revision``; a ``.gguf`` file only where the
+   installed vLLM has a GGUF loader, which 0.32 has not) in the Model's dtype, with
    prefix caching on, so rollouts from cut points of one trace share their prefix's KV
    cache. The engine runs in worker processes, so a script that uses it needs the
    ``if __name__ == "__main__":`` guard. It stays up for the Model's lifetime and is shut
@@ -56,6 +57,7 @@ Install: ``pip install "thinklens[vllm]"`` on a GPU machine; on a CPU-only machi
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import os
 import weakref
@@ -107,6 +109,13 @@ def _llm_options(vllm: Any, model: Any, options: dict[str, Any]) -> dict[str, An
                              f"model {model.name!r} was built in memory (model.source is "
                              "None). Save it (model.hf.save_pretrained(folder), and its "
                              "tokenizer) and thinklens.load(folder), or use engine='hf'")
+    if str(source).endswith(".gguf") and \
+            importlib.util.find_spec("vllm.model_executor.model_loader.gguf_loader") is None:
+        raise ModelLoadError(f"vLLM {vllm.__version__} reads no GGUF files, and {model.name!r} "
+                             f"was loaded from {str(source)!r}. Save the de-quantized model as "
+                             "a folder (model.hf.save_pretrained(folder), "
+                             "model.tokenizer.save_pretrained(folder)) and "
+                             "thinklens.load(folder), or use engine='hf'")
     kw: dict[str, Any] = {"model": str(source), "enable_prefix_caching": True,
                           "dtype": str(model.dtype).removeprefix("torch."), "seed": 0}
     if getattr(model, "revision", None):

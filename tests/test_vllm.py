@@ -148,6 +148,10 @@ def test_a_model_without_source_and_unknown_options_are_refused(served):
     memory = Model(name="in-memory", bridge=served.bridge, tokenizer=served.tokenizer)
     with pytest.raises(ModelLoadError, match=r"save_pretrained.*engine='hf'"):
         VLLMEngine(memory)
+    gguf = Model(name="smol", bridge=served.bridge, tokenizer=served.tokenizer,
+                 source="/models/smol.Q4_1.gguf")
+    with pytest.raises(ModelLoadError, match=r"GGUF.*save_pretrained.*engine='hf'"):
+        VLLMEngine(gguf)
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         VLLMEngine(served, tensor_paralel_size=2)
 
