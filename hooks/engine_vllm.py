@@ -11,14 +11,16 @@ a vLLM ``LLM`` and gets token ids back:
    cache. The engine runs in worker processes, so a script that uses it needs the
    ``if __name__ == "__main__":`` guard. It stays up for the Model's lifetime and is shut
    down by ``model.close()``, when it is garbage-collected, or at interpreter exit.
-2. **Requests.** Each :class:`~thinklens.hooks.engine.Request` with ``n`` samples becomes
-   ``n`` vLLM prompts of its token ids (``TokensPrompt``); sample ``j`` of a request seeded
-   ``s`` gets ``SamplingParams(seed=sample_seed(s, j))``. vLLM draws a seeded request from
-   its own generator, so a batch gives what one-by-one calls give, as long as the logits
-   do not depend on the batch (true on the organism in fp32, checked in the tests; on a
-   GPU, batched kernels can move logits by rounding, which can flip a near-tie).
-   vLLM's own ``n>1`` seeds child ``j`` with ``s + j``, which would make seeds of
-   neighbouring requests overlap; thinklens never sends ``n>1`` for that reason.
+2. **Requests.** Each :class:`~thinklens.hooks.engine.Request` becomes one vLLM request
+   of its token ids (``TokensPrompt``) with ``SamplingParams(n=n)``, so its prompt is
+   computed once. Sample ``j`` of a request seeded ``s`` is drawn with seed
+   ``sample_seed(s, j)``: vLLM seeds child ``j`` with ``seed + j``, and the request is sent
+   with ``seed=sample_seed(s, 0)`` (``sample_seed(s, j) = sample_seed(s, 0) + j``; in the
+   rare case that wraps around, each sample is sent alone). vLLM draws a seeded request
+   from its own generator, so a batch gives what one-by-one calls give, as long as the
+   logits do not depend on the batch (true on the organism in fp32, checked in the
+   tests; on a GPU, batched kernels can move logits by rounding, which can flip a
+   near-tie).
    The same seed does *not* give the same tokens as the ``"hf"`` engine (different random
    streams); greedy decoding (``temperature=0``) does, up to logit ties. vLLM takes
    temperatures up to 2.
@@ -144,6 +146,22 @@ def _check_architecture(model: Any, options: dict[str, Any]) -> None:
             "try VLLMEngine(model, model_impl='transformers')")
 
 
+def _vllm_requests(r: Request, greedy: bool) -> list[tuple[int, int | None]]:
+    """(samples, seed) of the vLLM requests that make up ``r``.
+
+    vLLM seeds child ``j`` of a request with ``n`` samples and seed ``t`` with ``t + j``;
+    since ``sample_seed(s, j) = sample_seed(s, 0) + j`` unless the sum wraps around, one
+    vLLM request seeded ``sample_seed(s, 0)`` gives exactly samples ``0..n-1`` (and
+    computes the prompt once); where it would wrap, each sample goes alone.
+    """
+    if r.seed is None or greedy:
+        return [(r.n, None)]
+    first = sample_seed(r.seed, 0)
+    if sample_seed(r.seed, r.n - 1) == first + r.n - 1:
+        return [(r.n, first)]
+    return [(1, sample_seed(r.seed, j)) for j in range(r.n)]
+
+
 def _shutdown(llm: Any) -> None:
     """Stop the engine core's processes; safe to call twice and at interpreter exit."""
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
@@ -197,26 +215,25 @@ class VLLMEngine:
                               "higher ones")
         stops = sorted({self._eos, *sampling.stop_ids} - {None})
         greedy = sampling.temperature == 0
-        prompts, params = [], []
-        for r in requests:
-            for j in range(r.n):
+        prompts, params, groups = [], [], []  # groups: the request of each vLLM prompt
+        for k, r in enumerate(requests):
+            for n, seed in _vllm_requests(r, greedy):
                 prompts.append(self._prompt(prompt_token_ids=list(r.prompt_ids)))
                 params.append(self._params(
-                    n=1, max_tokens=sampling.max_new_tokens,
+                    n=n, max_tokens=sampling.max_new_tokens,
                     temperature=0.0 if greedy else float(sampling.temperature),
-                    top_p=1.0 if greedy else float(sampling.top_p),
-                    seed=None if r.seed is None or greedy else sample_seed(r.seed, j),
+                    top_p=1.0 if greedy else float(sampling.top_p), seed=seed,
                     stop_token_ids=stops, ignore_eos=True, detokenize=False))
+                groups.append(k)
+        result: list[list[Completion]] = [[] for _ in requests]
         if not prompts:
-            return [[] for _ in requests]
+            return result
         show = progress if progress is not None else len(prompts) > 8
         outs = self._llm.generate(prompts, params, use_tqdm=show)
-        flat = [Completion(ids=[int(t) for t in o.outputs[0].token_ids],
-                           finished=o.outputs[0].finish_reason == "stop") for o in outs]
-        result, k = [], 0
-        for r in requests:
-            result.append(flat[k: k + r.n])
-            k += r.n
+        for k, out in zip(groups, outs):
+            for o in sorted(out.outputs, key=lambda o: o.index):
+                result[k].append(Completion(ids=[int(t) for t in o.token_ids],
+                                            finished=o.finish_reason == "stop"))
         return result
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 import thinklens
 from thinklens.errors import ConfigError, ModelLoadError, ThinklensError
-from thinklens.hooks.engine import Request, Sampling
+from thinklens.hooks.engine import Request, Sampling, sample_seed
 from thinklens.hooks.engine_vllm import VLLMEngine
 from thinklens.hooks.generate import engine_for
 from thinklens.zoo.evaluate import heldout_problems
@@ -90,6 +90,15 @@ def test_engine_samples_n_per_request_with_per_sample_seeds(served):
     assert [len(c) for c in both] == [6, 2]
     assert both[0] == eng.generate([Request(a, n=6, seed=3)], sampling)[0]
     assert both[1] == eng.generate([Request(b, n=2, seed=4)], sampling)[0]
+    # sample j is what vLLM draws for the prompt alone with seed sample_seed(3, j)
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    for j in (0, 5):
+        [out] = eng._llm.generate([TokensPrompt(prompt_token_ids=a)], SamplingParams(
+            temperature=2.0, max_tokens=64, seed=sample_seed(3, j), detokenize=False,
+            ignore_eos=True, stop_token_ids=[served.tokenizer.eos_token_id]), use_tqdm=False)
+        assert both[0][j].ids == list(out.outputs[0].token_ids)
     [[one]] = eng.generate([Request(a, n=1, seed=None)], Sampling(max_new_tokens=64))
     assert one.finished and one.ids[-1] == served.tokenizer.eos_token_id
     assert len({tuple(c.ids) for c in both[0]}) > 1  # the samples differ
