@@ -225,10 +225,11 @@ def test_png_size_without_session(tmp_path, trace):
 
 def test_sentence_attention_of_a_trace_without_sentences_is_refused(organism):
     from thinklens import Trace
-    from thinklens.errors import ConfigError
+    from thinklens.errors import ConfigError, ThinklensWarning
 
     direct = Trace.from_text(organism, "b = 4 ; ? b", "</think> 4 <eos>")
     assert direct.sentences == []
-    cap = organism.capture(direct, attention="sentence")
+    with pytest.warns(ThinklensWarning, match="1 of 1 traces have no thinking sentences"):
+        cap = organism.capture(direct, attention="sentence")
     with pytest.raises(ConfigError, match="no thinking sentences.*use plot_attention"):
         plot_sentence_attention(cap)
