@@ -36,9 +36,10 @@ from thinklens.hooks import budget as _budget
 from thinklens.hooks import forward as fwd
 from thinklens.hooks.activations import ActivationReader
 from thinklens.hooks.dtypes import parse_dtype
+from thinklens.hooks.positions import positions_of, warn_lacking
 from thinklens.hooks.sites import is_pattern_site
 from thinklens.hooks.store import Store
-from thinklens.hooks.trace import Trace, check_tokenizer, positions_of, warn_lacking
+from thinklens.hooks.trace import Trace, check_tokenizer
 
 SENTENCE_KEY = "sentence_attention"
 

@@ -42,8 +42,8 @@ from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
 from thinklens.errors import ConfigError
-from thinklens.hooks.trace import POSITION_SELECTORS
-from thinklens.hooks.trace import positions as select_positions
+from thinklens.hooks.positions import POSITION_SELECTORS
+from thinklens.hooks.positions import positions as select_positions
 
 LEVELS = ("trace", "sentence", "token")     # what a label is attached to
 TASKS = ("classification", "regression")

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from thinklens.errors import ConfigError
 from thinklens.hooks import forward as fwd
-from thinklens.hooks.trace import Trace, positions_of, warn_lacking
+from thinklens.hooks.positions import positions_of, warn_lacking
+from thinklens.hooks.trace import Trace
 from thinklens.probes.data import ProbeData, split_traces
 from thinklens.probes.linear import fit_probe
 
@@ -98,7 +99,7 @@ def logit_lens(model, traces, *, answer: Any = None, layers: Any = "all",
     ``answer``: None (each trace's first non-blank answer token), a token id or string
     for all traces, or one per trace. ``layers``: "all" (embeddings, then each block's
     ``hook_resid_post``) or block indices (negatives count from the end; "embed" for the
-    embeddings). ``positions``: any selector of :func:`thinklens.hooks.trace.positions`.
+    embeddings). ``positions``: any selector of :func:`thinklens.hooks.positions.positions`.
     """
     traces = fwd.as_traces(model, traces)
     sites = layer_sites(model, layers)

@@ -20,15 +20,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from thinklens.errors import ConfigError, PositionError, TokenizerMismatchError
+from thinklens.hooks.positions import POSITION_SELECTORS, positions, positions_of
 from thinklens.hooks.segment import TAGS, split_sentences, tag_sentence
 from thinklens.hooks.trace import (
-    POSITION_SELECTORS,
     Span,
     Trace,
     build_trace,
     check_tokenizer,
-    positions,
-    positions_of,
     tokenizer_fingerprint,
 )
 

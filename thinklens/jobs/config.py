@@ -64,8 +64,8 @@ from pathlib import Path
 from typing import Any
 
 from thinklens.errors import ConfigError, did_you_mean
+from thinklens.hooks.positions import POSITION_SELECTORS
 from thinklens.hooks.task import task_named
-from thinklens.hooks.trace import POSITION_SELECTORS
 
 from . import labels as _labels
 
