@@ -28,6 +28,7 @@ Target (issue 10): think_batch >= 0.9x plain generate on SmolLM2.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -95,6 +96,9 @@ def _vllm_model(ctx):
             if not (folder / "config.json").exists():
                 ctx.plain.save_pretrained(str(folder))
                 ctx.model.tokenizer.save_pretrained(str(folder))
+            config = json.loads((folder / "config.json").read_text())
+            if config.pop("quantization_config", None) is not None:  # the weights are float
+                (folder / "config.json").write_text(json.dumps(config, indent=2))
             ctx.vmodel = thinklens.load(str(folder), device=str(ctx.model.device))
     return ctx.vmodel
 
