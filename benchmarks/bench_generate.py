@@ -67,11 +67,18 @@ def _plain_generate(ctx, work) -> list[list[int]]:
     return [_until_eos(row, ctx.eos) for row in out[:, x.shape[1]:].tolist()]
 
 
-def _think_batch(ctx, work) -> list[list[int]]:
-    traces = ctx.model.think_batch([ctx.prompt] * work.n, max_new_tokens=work.max_new_tokens,
-                                   temperature=work.temperature, seed=0, progress=False,
-                                   batch_size=max(64, work.n))
+def _think(model, ctx, work, **kw) -> list[list[int]]:
+    """``think_batch``: ``n`` samples of the prompt (one prefix) when sampling, else the prompt
+    ``n`` times (greedy)."""
+    n = work.n if work.temperature > 0 else 1
+    traces = model.think_batch([ctx.prompt] * (work.n // n), n=n,
+                               max_new_tokens=work.max_new_tokens, temperature=work.temperature,
+                               seed=0, progress=False, **kw)
     return [t.token_ids[t.prompt_span.end:] for t in traces]
+
+
+def _think_batch(ctx, work) -> list[list[int]]:
+    return _think(ctx.model, ctx, work, batch_size=max(64, work.n))
 
 
 def _generate_ids(ctx, work) -> list[list[int]]:
@@ -126,10 +133,7 @@ def _vllm_direct(ctx, work) -> list[list[int]]:
 
 def _engine_vllm(ctx, work) -> list[list[int]]:
     """``think_batch(..., engine="vllm")``: the public call, Traces included."""
-    traces = _vllm_model(ctx).think_batch([ctx.prompt] * work.n, engine="vllm",
-                                          max_new_tokens=work.max_new_tokens,
-                                          temperature=work.temperature, seed=0, progress=False)
-    return [t.token_ids[t.prompt_span.end:] for t in traces]
+    return _think(_vllm_model(ctx), ctx, work, engine="vllm")
 
 
 def _generate_ids_vllm(ctx, work) -> list[list[int]]:

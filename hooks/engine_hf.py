@@ -64,8 +64,12 @@ def plain_model(hf: nn.Module) -> nn.Module:
 
     dtype = next(hf.parameters()).dtype
     with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(copy.deepcopy(hf.config), dtype=dtype,
-                                                 attn_implementation="sdpa")
+        try:
+            plain = AutoModelForCausalLM.from_config(copy.deepcopy(hf.config), dtype=dtype,
+                                                     attn_implementation="sdpa")
+        except ValueError:  # an architecture transformers has no SDPA attention for
+            plain = AutoModelForCausalLM.from_config(copy.deepcopy(hf.config), dtype=dtype,
+                                                     attn_implementation="eager")
     source: dict[str, Tensor] = {}
     for name, t in itertools.chain(hf.named_parameters(remove_duplicate=False),
                                    hf.named_buffers(remove_duplicate=False)):

@@ -10,7 +10,9 @@
    ``finished`` telling whether generation stopped at eos or was cut at the limit.
 
 Seeds: prompt ``i`` of ``think_batch(prompts, seed=s)`` is generated with seed ``s + i``,
-so it equals ``think(prompts[i], seed=s + i)`` token for token; ``seed=None`` draws each
+so it equals ``think(prompts[i], seed=s + i)`` token for token; with ``n`` samples per
+prompt, sample ``j`` of prompt ``i`` is drawn with ``sample_seed(s + i, j)`` from one
+Request of ``n`` (the prompt is computed once, by either engine); ``seed=None`` draws each
 prompt's seed from torch's global generator (``torch.manual_seed`` makes it
 reproducible). Hooks: while hooks are attached (``model.n_hooks() > 0``) only the
 ``"hf"`` engine can run them; it then decodes through the bridge so they fire.
@@ -35,7 +37,8 @@ def engine_for(model: Any, engine: str | None = None) -> HFEngine | VLLMEngine:
     name = check_engine(engine if engine is not None else getattr(model, "default_engine", "hf"))
     engines = model.__dict__.setdefault("_engines", {})
     if name not in engines:
-        engines[name] = HFEngine(model) if name == "hf" else VLLMEngine(model)
+        options = dict(getattr(model, "engine_options", None) or {})
+        engines[name] = HFEngine(model) if name == "hf" else VLLMEngine(model, **options)
     return engines[name]
 
 
@@ -67,8 +70,13 @@ def generate_ids(model: Any, requests: Sequence[Request], sampling: Sampling, *,
 def generate_many(model: Any, prompts: list[str], *, max_new_tokens: int, temperature: float,
                   seed: int | None, meta: dict | None, batch_size: int = 64,
                   progress: bool | None = None, top_p: float = 1.0,
-                  engine: str | None = None, thinking: str = "auto") -> list:
-    """One Trace per prompt (module docstring); ``think_batch`` calls this."""
+                  engine: str | None = None, thinking: str = "auto", n: int = 1) -> list:
+    """``n`` Traces per prompt, prompt-major (module docstring); ``think_batch`` calls this."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n={n!r}; give the number of samples per prompt, an integer >= 1")
+    if n > 1 and temperature == 0:
+        raise ConfigError(f"n={n} samples at temperature=0 would all be the same greedy trace; "
+                          "give temperature > 0, or n=1")
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     rendered = [model.render_prompt(p) for p in prompts]
     ids = [model.encode(r) for r in rendered]
@@ -76,16 +84,18 @@ def generate_many(model: Any, prompts: list[str], *, max_new_tokens: int, temper
         seeds = [int(torch.randint(2**62, ())) for _ in prompts]
     else:
         seeds = [int(seed) + i for i in range(len(prompts))]
-    requests = [Request(x, n=1, seed=s) for x, s in zip(ids, seeds)]
+    requests = [Request(x, n=n, seed=s) for x, s in zip(ids, seeds)]
     done = generate_ids(model, requests, sampling, engine=engine, progress=progress,
                         batch_size=batch_size)
     name = engine if engine is not None else getattr(model, "default_engine", "hf")
-    info = {"max_new_tokens": max_new_tokens, "temperature": temperature, "engine": name, **({"top_p": top_p} if top_p != 1.0 else {}), **(meta or {})}
+    info = {"max_new_tokens": max_new_tokens, "temperature": temperature, "engine": name,
+            **({"top_p": top_p} if top_p != 1.0 else {}), **(meta or {})}
     return [build_trace(model.tokenizer, prompt=p, rendered_prompt=r, completion_ids=c.ids,
                         model_name=model.name, segmenter=model.segmenter,
-                        annotator=model.annotator, meta={**info, "seed": s},
+                        annotator=model.annotator,
+                        meta={**info, "seed": s, **({"sample": j} if n > 1 else {})},
                         thinking=thinking, finished=c.finished)
-            for p, r, s, [c] in zip(prompts, rendered, seeds, done)]
+            for p, r, s, row in zip(prompts, rendered, seeds, done) for j, c in enumerate(row)]
 
 
 __all__ = ["engine_for", "generate_ids", "generate_many"]

@@ -21,6 +21,7 @@ import torch
 
 from thinklens.errors import ConfigError, ModelLoadError, UnsupportedArchitectureError, did_you_mean
 from thinklens.hooks.dtypes import parse_dtype
+from thinklens.hooks.engine import check_engine
 from thinklens.hooks.task import model_folder, registered_models
 from thinklens.hooks.wrapper import Model
 
@@ -119,7 +120,8 @@ def _bridge(name: str, hf, tok, *, device, dtype, device_map):
 def load(spec: str | Path = "organism", *, device: str | None = None,
          dtype: str | torch.dtype | None = None, device_map: Any = None,
          revision: str | None = None, checkpoint: int | None = None,
-         trust_remote_code: bool = False):
+         trust_remote_code: bool = False, engine: str = "hf",
+         engine_options: dict | None = None):
     """Load a model: ``"organism"``, a folder, a ``.gguf`` file, or a Hugging Face name.
 
     Example::
@@ -127,8 +129,17 @@ def load(spec: str | Path = "organism", *, device: str | None = None,
         model = thinklens.load("organism")            # bundled, no download
         model.config.n_layers, model.config.d_model     # (4, 128)
         trace = model.think("a = 7 ; b = a + 2 ; ? b")
+
+    ``engine``: the generation engine ``think``/``think_batch``/``rollouts`` use unless told
+    (``"hf"`` or ``"vllm"``); ``engine_options``: passed to the vLLM engine when it starts
+    (``tensor_parallel_size``, ``pipeline_parallel_size``, ``gpu_memory_utilization``,
+    ``max_model_len``, ...; see :mod:`thinklens.hooks.engine_vllm`).
     """
     spec = str(spec)
+    check_engine(engine)
+    if engine_options is not None and not isinstance(engine_options, dict):
+        raise ConfigError(f"engine_options={engine_options!r}; give a dict such as "
+                          "{'tensor_parallel_size': 2}")
     names = registered_models()
     torch_dtype = parse_dtype(dtype)
     if device is not None and device_map is not None:
@@ -159,7 +170,9 @@ def load(spec: str | Path = "organism", *, device: str | None = None,
     hf.eval()
     bridge = _bridge(name, hf, tok, device=device, dtype=torch_dtype or next(hf.parameters()).dtype,
                      device_map=device_map)
-    return Model(name=name, bridge=bridge, tokenizer=tok, revision=revision, source=source)
+    model = Model(name=name, bridge=bridge, tokenizer=tok, revision=revision, source=source)
+    model.default_engine, model.engine_options = engine, dict(engine_options or {})
+    return model
 
 
 __all__ = ["load", "supported_architectures"]

@@ -47,6 +47,7 @@ class Model:
     """
 
     default_engine: str = "hf"  # the engine think/think_batch/rollouts use unless told
+    engine_options: dict | None = None  # passed to the vLLM engine (tensor_parallel_size, ...)
 
     def __init__(self, *, name: str, bridge, tokenizer, revision: str | None = None,
                  segmenter: Callable | None = None, annotator: Callable | None = None,
@@ -139,14 +140,18 @@ class Model:
                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                     meta: dict | None = None, batch_size: int = 64,
                     progress: bool | None = None, engine: str | None = None,
-                    thinking: str = "auto"):
+                    thinking: str = "auto", n: int = 1):
         """:meth:`think` for several prompts, batched (left padding; mixed lengths share a
         batch). Prompt ``i`` with ``seed=s`` gives what ``think(prompts[i], seed=s + i)``
-        gives, token for token."""
+        gives, token for token. ``n`` > 1 samples each prompt ``n`` times from one prefix
+        (``len(prompts) * n`` traces, prompt-major, ``meta["sample"]`` = j)::
+
+            traces = model.think_batch(["a = 7 ; b = a + 2 ; ? b"], n=100, temperature=1.0)
+        """
         return generate_many(self, list(prompts), max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, seed=seed, meta=meta,
                              batch_size=batch_size, progress=progress, engine=engine,
-                             thinking=thinking)
+                             thinking=thinking, n=n)
 
     def rollouts(self, trace, *, at: Any = "all", n: int = 10, temperature: float = 0.7,
                  top_p: float = 1.0, max_new_tokens: int = 256, engine: str | None = None,

@@ -125,6 +125,35 @@ def test_n_samples_of_one_prefix_equal_the_same_samples_alone(qwen2):
     assert len({tuple(c.ids) for c in together[0]}) > 1  # the samples differ
 
 
+def test_think_batch_n_samples_equal_the_engines_samples_of_one_request(organism):
+    """think_batch(prompts, n=k): prompt i's samples are Request(prefix, n=k, seed=s+i)'s."""
+    prompts = ["a = 7 ; b = a + 2 ; ? b", "c = 5 ; d = c - 1 ; ? d"]
+    kw = {"max_new_tokens": 24, "temperature": 3.0}
+    traces = organism.think_batch(prompts, n=4, seed=5, **kw)
+    assert len(traces) == 8 and [t.meta["sample"] for t in traces] == [0, 1, 2, 3] * 2
+    assert [t.prompt for t in traces] == [prompts[0]] * 4 + [prompts[1]] * 4
+    for i, p in enumerate(prompts):
+        ids = organism.encode(organism.render_prompt(p))
+        [want] = generate_ids(organism, [Request(ids, n=4, seed=5 + i)], Sampling(**kw))
+        got = traces[4 * i: 4 * i + 4]
+        assert [t.token_ids[len(ids):] for t in got] == [c.ids for c in want]
+    assert len({tuple(t.token_ids) for t in traces[:4]}) > 1  # they are samples
+    with pytest.raises(ConfigError, match="n=0; give the number of samples"):
+        organism.think_batch(prompts, n=0)
+    with pytest.raises(ConfigError, match="n=3 samples at temperature=0"):
+        organism.think_batch(prompts, n=3)
+
+
+def test_load_sets_the_default_engine_and_its_options(organism):
+    m = thinklens.load("organism", engine="vllm", engine_options={"max_model_len": 512})
+    assert m.default_engine == "vllm" and m.engine_options == {"max_model_len": 512}
+    assert organism.default_engine == "hf" and not organism.engine_options
+    with unchecked(), pytest.raises(ConfigError, match=r"engine='vlm'; valid: 'hf', 'vllm'"):
+        thinklens.load("organism", engine="vlm")
+    with unchecked(), pytest.raises(ConfigError, match="engine_options=3; give a dict"):
+        thinklens.load("organism", engine_options=3)
+
+
 def test_first_token_follows_the_models_distribution(qwen2):
     """2,000 samples of the first token vs softmax(bridge logits / T), within top-p."""
     ids = qwen2.encode(qwen2.render_prompt("a = 1 ; ? a"))
