@@ -5,7 +5,10 @@
 2. Batch traces by length and right-pad them (:mod:`thinklens.hooks.forward`, the one
    forward runner): with causal attention and positions counted from 0 per sequence,
    real tokens never see the padding, so a padded batch captures what one-by-one
-   capture does. The pass stops after the deepest hooked site.
+   capture does. The pass stops after the deepest hooked site. A capture that hooks no
+   pattern (no pattern or score site, no ``attention=``) runs SDPA attention, the same
+   values without ``[heads, T, T]`` per layer; one that does runs eager
+   (:mod:`thinklens.hooks.attention_impl`).
 3. Forward hooks (scoped, removed in ``finally``) copy each site's rows at the chosen
    positions. An attention pattern, as a site or through ``attention=[(layer, head)]``,
    is kept in TransformerLens's layout ``(head, query_pos, key_pos)`` per trace, its

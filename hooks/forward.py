@@ -18,7 +18,11 @@
    removed in ``finally``, also after an error), under ``torch.no_grad()`` unless
    ``grad=True``. With ``stop_early=True`` the pass ends as soon as every hooked site has
    fired, so later layers and the ``[batch, pos, d_vocab]`` logits are never computed.
-5. **Logits at chosen positions only** (``logits_at=``): the last block's output
+5. **Attention implementation** (:mod:`thinklens.hooks.attention_impl`): a pass that
+   hooks no pattern or score site runs SDPA (no ``[heads, T, T]`` per layer), with the
+   same site names and values as eager; hooking ``attn.hook_pattern`` or
+   ``attn.hook_attn_scores`` runs the bridge's eager attention. ``attention=`` forces one.
+6. **Logits at chosen positions only** (``logits_at=``): the last block's output
    (``blocks.{L-1}.hook_resid_post``, after any user hook there) is read at the chosen
    rows, put through the model's own final norm and unembedding there (``[n, d_vocab]``
    per row instead of ``[pos, d_vocab]``), and the pass stops. (Not
@@ -48,6 +52,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from thinklens.errors import ConfigError
+from thinklens.hooks import attention_impl
 from thinklens.hooks import budget as _budget
 from thinklens.hooks.trace import Trace, check_tokenizer
 
@@ -151,8 +156,11 @@ def _batches(model, inputs: Sequence[Trace] | Sequence[Sequence[int]], *,
 
 def forward(model, batch: Batch, hooks: Sequence[Hook] = (), *, stop_early: bool = False,
             logits_at: str | Sequence[Sequence[int]] | None = None,
-            grad: bool = False) -> list[Float[Tensor, "n d_vocab"]] | Tensor | None:
+            grad: bool = False, attention: str | None = None,
+            ) -> list[Float[Tensor, "n d_vocab"]] | Tensor | None:
     """Run one batch with ``hooks`` (scoped to this pass).
+
+    ``attention``: None (SDPA unless a pattern or score site is hooked), "eager" or "sdpa".
 
     Returns the full logits ``[batch, pos, d_vocab]`` when neither ``stop_early`` nor
     ``logits_at`` is given; with ``logits_at`` ("last", or per row a list of positions)
@@ -160,6 +168,7 @@ def forward(model, batch: Batch, hooks: Sequence[Hook] = (), *, stop_early: bool
     device); None when the pass stopped early.
     """
     hooks = list(hooks)
+    impl = attention_impl.choose(model, [n for n, _ in hooks], attention)
     pending = set(range(len(hooks)))  # per hook, not per name: a site may carry two
     logits: list[Tensor] = []
 
@@ -183,7 +192,8 @@ def forward(model, batch: Batch, hooks: Sequence[Hook] = (), *, stop_early: bool
 
         wrapped.append((f"blocks.{model.config.n_layers - 1}.hook_resid_post", read_logits))
     try:
-        with torch.set_grad_enabled(grad), model.hooks(wrapped):
+        with torch.set_grad_enabled(grad), attention_impl.use(model, impl), \
+                model.hooks(wrapped):
             out = model.bridge(batch.ids, attention_mask=batch.mask)
     except _Stop:
         return logits if logits_at is not None else None
@@ -214,12 +224,14 @@ def run(model, inputs: Sequence[Trace] | Sequence[Sequence[int]],
         hooks: Callable[[Batch], Sequence[Hook]] | None = None, *,
         batch_size: int | None = 8, budget: Any = None, sort: bool = True,
         stop_early: bool = True, logits_at: str | Sequence[Sequence[int]] | None = None,
-        after: Callable[[Batch], None] | None = None) -> list[Tensor] | None:
+        after: Callable[[Batch], None] | None = None,
+        attention: str | None = None) -> list[Tensor] | None:
     """Run every input through the model in padded batches.
 
     ``hooks(batch)`` builds the hooks of one batch (they read ``batch.rows`` to know
     which inputs they see); ``after(batch)`` is called once the batch's pass is done.
-    ``stop_early`` (default True): the pass ends after the last hooked site fired. With ``logits_at`` ("last" or one position list per input) returns, in input order,
+    ``stop_early`` (default True): the pass ends after the last hooked site fired;
+    ``attention`` as in :func:`forward`. With ``logits_at`` ("last" or one position list per input) returns, in input order,
     ``[n, d_vocab]`` float32 CPU logits per input; otherwise None.
 
     Example::
@@ -237,7 +249,7 @@ def run(model, inputs: Sequence[Trace] | Sequence[Sequence[int]],
         batch = pad(model, seqs, rows)
         at = logits_at if isinstance(logits_at, str | None) else [logits_at[i] for i in rows]
         out = forward(model, batch, hooks(batch) if hooks is not None else (),
-                      stop_early=stop_early, logits_at=at)
+                      stop_early=stop_early, logits_at=at, attention=attention)
         if logits_at is not None:
             for i, x in zip(rows, out):
                 got[i] = x.detach().float().cpu()

@@ -220,8 +220,9 @@ def test_streaming_to_store_fits_where_memory_does_not(qwen2, traces, tmp_path):
                        store=tmp_path / "acts")
     mem = qwen2.capture(traces, sites="blocks.0.hook_resid_post")
     assert len(st) == 4
+    # batch_size=1 runs SDPA unmasked, batch 8 with a padding mask: float reordering only
     torch.testing.assert_close(st["blocks.0.hook_resid_post"].values,
-                               mem["blocks.0.hook_resid_post"].values, atol=0, rtol=0)
+                               mem["blocks.0.hook_resid_post"].values, atol=1e-6, rtol=0)
     assert st.traces[0].token_ids == traces[0].token_ids
 
 

@@ -245,7 +245,9 @@ def test_probe_data_reads_a_store_like_a_capture(organism, organism_run, tmp_pat
                                 progress=False)
         got.append(probe_data(acts, SITES, computed_value([token_truth(t) for t in traces])))
     assert len(got[0]) >= 20
-    for field in ("X", "y", "groups", "positions"):
+    # a store keeps input order, memory batches by length: SDPA's masks differ, floats only
+    torch.testing.assert_close(got[0].X, got[1].X, atol=1e-5, rtol=1e-5)
+    for field in ("y", "groups", "positions"):
         assert torch.equal(getattr(got[0], field), getattr(got[1], field)), field
 
 
