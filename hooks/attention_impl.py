@@ -24,7 +24,15 @@ What thinklens does instead, for a pass that hooks no pattern or score site:
    ``torch.nn.functional.scaled_dot_product_attention`` call (causal by flag when
    the mask is ``None``). ``hook_attn_scores`` and ``hook_pattern`` do not fire, which
    is why step 1 keeps eager for them.
-4. **Falls back to eager** per component: any feature outside that path (split q/k/v
+4. **Observers** (:func:`observe`, a context manager around the pass): a callback
+   ``fn(layer, q, k, mask, scale)`` that :func:`_sdpa_forward` calls once per layer with the
+   rotated queries ``[batch, head, q_pos, d_head]``, the rotated keys before grouped-query
+   expansion ``[batch, kv_head, k_pos, d_head]`` (after any KV cache) and the mask SDPA
+   gets (None = causal from the bottom-right; else boolean ``True`` = attend, or additive
+   float, ``[batch or 1, 1, q_pos, k_pos]``) and the softmax scale. Statistics of the attention pattern are
+   computed there from q and k (:mod:`thinklens.hooks.blockwise`) while the attention
+   output still comes from SDPA. :func:`observable` says whether every layer will call it.
+5. **Falls back to eager** per component: any feature outside that path (split q/k/v
    inputs, per-head results, gated q, soft-capping, sinks, q/k clipping, partial or
    interleaved rotary, key multipliers, a subclass with its own forward, training mode)
    keeps the bridge's forward, which also accepts SDPA's masks.
@@ -43,7 +51,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -96,8 +104,9 @@ def use(model, implementation: str) -> Iterator[None]:
     try:
         for c in configs:
             c._attn_implementation = "sdpa"
-        for a in patched:  # the component's __setattr__ would pass "forward" on to HF's module
-            object.__setattr__(a, "forward", _bound(a))
+        for layer, a in enumerate(_attention_components(bridge)):
+            if a in patched:  # the component's __setattr__ would pass "forward" on to HF's module
+                object.__setattr__(a, "forward", _bound(a, layer, bridge))
         bridge._thinklens_sdpa = True
         yield
     finally:
@@ -106,6 +115,30 @@ def use(model, implementation: str) -> Iterator[None]:
             a.__dict__.pop("forward", None)
         for c, b in zip(configs, before):
             c._attn_implementation = b
+
+
+def observable(model) -> bool:
+    """Whether an :func:`observe` callback sees every layer (every component is reproduced)."""
+    comps = _attention_components(model.bridge)
+    return bool(comps) and all(_supported(a) for a in comps)
+
+
+@contextmanager
+def observe(model,
+            fn: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None, float], None] | None,
+            ) -> Iterator[None]:
+    """Call ``fn(layer, q_rot, k_rot, mask, scale)`` in each SDPA attention forward of the block.
+
+    Takes effect in passes run under :func:`use` with ``"sdpa"``; removed in ``finally``.
+    ``fn=None`` observes nothing.
+    """
+    bridge = model.bridge
+    before = getattr(bridge, "_thinklens_qk", None)
+    object.__setattr__(bridge, "_thinklens_qk", fn)
+    try:
+        yield
+    finally:
+        object.__setattr__(bridge, "_thinklens_qk", before)
 
 
 def _hf_configs(bridge) -> list[Any]:
@@ -150,14 +183,17 @@ def _supported(attn) -> bool:
     return attn._qk_norm_phase in (None, "post_reshape")
 
 
-def _bound(attn):
+def _bound(attn, layer: int, bridge):
     def forward(*args, **kwargs):
-        return _sdpa_forward(attn, *args, **kwargs)
+        return _sdpa_forward(attn, *args, layer=layer, owner=bridge, **kwargs)
     return forward
 
 
-def _sdpa_forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """The bridge's attention forward (standard path) with SDPA at its core."""
+def _sdpa_forward(self, *args: Any, layer: int = -1, owner: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The bridge's attention forward (standard path) with SDPA at its core.
+
+    An :func:`observe` callback gets ``(layer, q, k, mask, scale)`` before the SDPA call.
+    """
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
         get_rotary_pct_from_config,
     )
@@ -198,10 +234,6 @@ def _sdpa_forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
     if hasattr(self, "hook_rot_k"):
         k = self.hook_rot_k(k)
     k, v = self._update_kv_cache(k, v, **kwargs)
-    groups = getattr(hf_attn, "num_key_value_groups", 1)
-    if groups > 1:  # grouped-query attention: as the bridge does, one K/V copy per head
-        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-
     q_len, kv_len = q.shape[-2], k.shape[-2]
     mask = attention_mask
     if mask is None and 1 < q_len < kv_len:  # cached keys: causal from the bottom-right
@@ -210,9 +242,16 @@ def _sdpa_forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         mask = mask[..., -q_len:, :kv_len]
         if mask.is_floating_point():
             mask = mask.to(q.dtype)
+    observer = getattr(owner, "_thinklens_qk", None)
+    scale = getattr(hf_attn, "scaling", head_dim ** -0.5)
+    if observer is not None:
+        observer(layer, q, k, mask, scale)
+    groups = getattr(hf_attn, "num_key_value_groups", 1)
+    if groups > 1:  # grouped-query attention: as the bridge does, one K/V copy per head
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None and q_len == kv_len and q_len > 1,
-        scale=getattr(hf_attn, "scaling", head_dim ** -0.5))
+        scale=scale)
     out = out.transpose(1, 2).contiguous().reshape(*input_shape, -1)
     o_weight = getattr(getattr(getattr(self, "o", None), "original_component", None), "weight", None)
     if isinstance(o_weight, torch.Tensor) and o_weight.dtype.is_floating_point and \
@@ -221,4 +260,4 @@ def _sdpa_forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
     return self.hook_out(self.o(out)), None
 
 
-__all__ = ["IMPLEMENTATIONS", "choose", "current", "use"]
+__all__ = ["IMPLEMENTATIONS", "choose", "current", "use", "observe", "observable"]

@@ -6,9 +6,11 @@
    forward runner): with causal attention and positions counted from 0 per sequence,
    real tokens never see the padding, so a padded batch captures what one-by-one
    capture does. The pass stops after the deepest hooked site. A capture that hooks no
-   pattern (no pattern or score site, no ``attention=``) runs SDPA attention, the same
-   values without ``[heads, T, T]`` per layer; one that does runs eager
-   (:mod:`thinklens.hooks.attention_impl`).
+   pattern (no pattern or score site, no ``attention=[(layer, head)]``) runs SDPA
+   attention, the same values without ``[heads, T, T]`` per layer; one that does runs
+   eager (:mod:`thinklens.hooks.attention_impl`). ``attention="sentence"`` alone stays
+   on SDPA: each layer's sentence means are computed from its rotated q/k in blocks of
+   query rows (:mod:`thinklens.hooks.blockwise`), never a full pattern.
 3. Forward hooks (scoped, removed in ``finally``) copy each site's rows at the chosen
    positions. An attention pattern, as a site or through ``attention=[(layer, head)]``,
    is kept in TransformerLens's layout ``(head, query_pos, key_pos)`` per trace, its
@@ -16,8 +18,8 @@
    layer at a time: ``attention="sentence"`` averages every head's pattern into a
    ``(layer, head, query_sentence, key_sentence)`` matrix (Thought Anchors, Bogdan et
    al. 2025: ``A[i, j]`` = the mean token-to-token weight from the tokens of sentence i
-   to those of sentence j), summed with ``index_add_`` so the cost is about that of
-   reading the pattern once; a list of ``(layer, head)`` keeps only those heads. The
+   to those of sentence j), summed with ``index_add_`` (blockwise from q/k on SDPA, from
+   the pattern when the pass is eager anyway); a list of ``(layer, head)`` keeps only those heads. The
    full patterns of all layers are never held at once.
 4. Results go to a :class:`Capture` (memory) or are appended batch by batch to a
    :class:`~thinklens.hooks.store.Store`, skipping traces it already holds.
@@ -35,9 +37,11 @@ import torch
 from tqdm.auto import tqdm
 
 from thinklens.errors import ConfigError
+from thinklens.hooks import attention_impl
 from thinklens.hooks import budget as _budget
 from thinklens.hooks import forward as fwd
 from thinklens.hooks.activations import ActivationReader
+from thinklens.hooks.blockwise import blockwise_sentence_means
 from thinklens.hooks.dtypes import parse_dtype
 from thinklens.hooks.positions import positions_of, warn_lacking
 from thinklens.hooks.sites import is_pattern_site
@@ -254,6 +258,9 @@ def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any =
         st = _open_store(model, store, list(axes), out_dtype, meta_heads)
         todo = [i for i in todo if trace_id(traces[i]) not in st]
     seqs = [traces[i].token_ids for i in todo]
+    # sentence attention from q/k inside the SDPA pass, unless the pass is eager anyway
+    blockwise = (sentence and not heads and attention_impl.observable(model)
+                 and attention_impl.choose(model, site_list) == "sdpa")
     # batch traces of similar length (less padding); a store keeps input order
     plan = fwd.plan(model, [len(x) for x in seqs], batch_size=batch_size, sort=st is None)
     data: dict[str, list] = {k: [None] * len(traces) for k in axes}
@@ -261,9 +268,11 @@ def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any =
     for rows in tqdm(plan, desc="capture", disable=not show):
         batch = [todo[r] for r in rows]
         got: dict[str, list] = {}
-        hooks = _batch_hooks(model, [traces[i] for i in batch], [pos[i] for i in batch],
-                             site_list, sentence, heads, out_dtype, got)
-        fwd.forward(model, fwd.pad(model, seqs, rows), hooks, stop_early=True)
+        hooks, observer = _batch_hooks(model, [traces[i] for i in batch],
+                                       [pos[i] for i in batch], site_list, sentence, heads,
+                                       out_dtype, got, blockwise)
+        with attention_impl.observe(model, observer):
+            fwd.forward(model, fwd.pad(model, seqs, rows), hooks, stop_early=True)
         if st is not None:
             records = []
             for j, i in enumerate(batch):
@@ -295,8 +304,14 @@ def _open_store(model, store, keys, out_dtype, heads):
                               "heads": heads})
 
 
-def _batch_hooks(model, traces, pos, sites, sentence, heads, out_dtype, got):
-    """Hooks of one padded batch; they fill ``got`` with ``{key: [per-trace tensor on CPU]}``."""
+def _batch_hooks(model, traces, pos, sites, sentence, heads, out_dtype, got, blockwise=False):
+    """Hooks of one padded batch and an attention observer (None unless ``blockwise``).
+
+    They fill ``got`` with ``{key: [per-trace tensor on CPU]}``. With ``blockwise`` the
+    sentence means come from each layer's rotated q/k in the SDPA pass
+    (:func:`~thinklens.hooks.blockwise.blockwise_sentence_means`, via
+    :func:`~thinklens.hooks.attention_impl.observe`); else from the eager patterns.
+    """
     dev = model.device
     lengths = [len(t) for t in traces]
     rows = [p.to(dev) for p in pos]
@@ -320,16 +335,30 @@ def _batch_hooks(model, traces, pos, sites, sentence, heads, out_dtype, got):
             bounds[j, k] = torch.tensor([s.start, s.end])
     bounds = bounds.to(dev)
     sent_layers: dict[int, torch.Tensor] = {}
+    n_layers = model.config.n_layers
+
+    def keep_sentence(layer, means):
+        sent_layers[layer] = means.cpu()
+        if len(sent_layers) == n_layers:
+            stacked = torch.stack([sent_layers[k] for k in range(n_layers)], 1)
+            got[SENTENCE_KEY] = [stacked[j, :, :, : len(t.sentences), : len(t.sentences)].clone()
+                                 for j, t in enumerate(traces)]
+
+    def observer(layer, q, k, mask, scale):
+        keep_sentence(layer, blockwise_sentence_means(q.detach(), k.detach(), bounds, mask,
+                                                      scale=scale))
+
+    def last_attention(x, hook):  # every layer's observer has run: the pass may stop here
+        if SENTENCE_KEY not in got:
+            raise RuntimeError(f"sentence attention missing for layers "
+                               f"{sorted(set(range(n_layers)) - set(sent_layers))}: their "
+                               "attention did not run the SDPA path")
+        return x
 
     def pattern_hook(layer):
         def fn(x, hook):
             if sentence:
-                sent_layers[layer] = sentence_means(x.detach(), bounds).cpu()
-                if len(sent_layers) == model.config.n_layers:
-                    stacked = torch.stack([sent_layers[k] for k in range(len(sent_layers))], 1)
-                    got[SENTENCE_KEY] = [
-                        stacked[j, :, :, : len(t.sentences), : len(t.sentences)].clone()
-                        for j, t in enumerate(traces)]
+                keep_sentence(layer, sentence_means(x.detach(), bounds))
             if layer in heads:
                 key = f"blocks.{layer}.attn.hook_pattern"
                 got[key] = [x[j, heads[layer]][:, rows[j], : lengths[j]].detach()
@@ -338,10 +367,13 @@ def _batch_hooks(model, traces, pos, sites, sentence, heads, out_dtype, got):
         return fn
 
     hooks = [(s, site_hook(s)) for s in sites]
-    pattern_layers = range(model.config.n_layers) if sentence else heads.keys()
+    if blockwise:
+        hooks.append((f"blocks.{n_layers - 1}.hook_attn_out", last_attention))
+        return hooks, observer
+    pattern_layers = range(n_layers) if sentence else heads.keys()
     hooks += [(f"blocks.{layer}.attn.hook_pattern", pattern_hook(layer))
               for layer in pattern_layers]
-    return hooks
+    return hooks, None
 
 
 __all__ = ["Capture", "trace_id", "sentence_means", "capture", "estimate"]

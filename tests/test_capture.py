@@ -239,7 +239,8 @@ def test_capture_to_store_resumes_without_recompute(qwen2, traces, tmp_path, mon
 def test_no_hooks_left_after_exception(qwen2, traces, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("boom inside the forward pass")
-    monkeypatch.setattr(capture_mod, "sentence_means", boom)
+    monkeypatch.setattr(capture_mod, "sentence_means", boom)  # eager route
+    monkeypatch.setattr(capture_mod, "blockwise_sentence_means", boom)  # SDPA route
     assert qwen2.n_hooks() == 0
     with pytest.raises(RuntimeError, match="boom"):
         qwen2.capture(traces, sites="blocks.*.hook_resid_post", attention="sentence")

@@ -110,9 +110,10 @@ def test_pattern_captures_run_eager(qwen2, monkeypatch):
     traces = [Trace.from_text(qwen2, p, c) for p, c in PROMPTS]
     calls = _spy_sdpa(monkeypatch)
     pat = qwen2.capture(traces, sites=["blocks.1.attn.hook_pattern", "blocks.1.hook_resid_post"])
-    sent = qwen2.capture(traces, attention="sentence")
     heads = qwen2.capture(traces, attention=[(0, 1)])
     assert not calls  # the switch was never applied
+    sent = qwen2.capture(traces, attention="sentence")  # blockwise from q/k: SDPA
+    assert len(calls) == qwen2.config.n_layers * 1  # one batch: once per layer
     for i, t in enumerate(traces):  # the pattern equals the eager bridge's, computed here
         seen = {}
         with qwen2.hooks([("blocks.1.attn.hook_pattern",
