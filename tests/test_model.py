@@ -128,9 +128,9 @@ def test_smollm_residuals_equal_hidden_states(smollm):
     torch.testing.assert_close(cap["blocks.0.hook_resid_pre"].values[0], hs[0][0], atol=1e-5, rtol=0)
     for layer in range(smollm.config.n_layers - 1):  # HF's last entry is after the final norm
         # the capture runs SDPA, HF here eager: fp32 summation order differs over 30
-        # layers of residuals up to ~100 in size (seen: 1.1e-4 absolute, 1.4e-6 relative)
+        # layers of residuals up to ~100 in size (seen: up to 1.14e-4 absolute)
         torch.testing.assert_close(cap[f"blocks.{layer}.hook_resid_post"].values[0],
-                                   hs[layer + 1][0], atol=1e-4, rtol=1e-5)
+                                   hs[layer + 1][0], atol=2e-4, rtol=0)
     last = cap[f"blocks.{smollm.config.n_layers - 1}.hook_resid_post"].values[0]
     with torch.no_grad():  # HF's last entry is the last block's output after the final norm
         torch.testing.assert_close(smollm.bridge.ln_final(last), hs[-1][0], atol=1e-4, rtol=0)
