@@ -8,6 +8,7 @@ import torch
 import thinklens
 from thinklens.errors import ModelLoadError, SiteError, UnsupportedArchitectureError
 from thinklens.hooks import forward as fwd
+from thinklens.hooks.engine_hf import plain_model
 
 # fp32, eager attention on both sides: the bridge runs the same modules, so logits agree
 # to float rounding. SmolLM2's 30 layers accumulate a little more.
@@ -123,14 +124,12 @@ def test_smollm_residuals_equal_hidden_states(smollm):
     trace = thinklens.Trace.from_text(smollm, "x", "The capital of France is Paris.")
     cap = smollm.capture(trace, sites=["blocks.*.hook_resid_post", "blocks.0.hook_resid_pre"])
     tokens = torch.tensor([trace.token_ids])
-    with torch.no_grad():
-        hs = smollm.hf(tokens, output_hidden_states=True).hidden_states
+    with torch.no_grad():  # the capture runs SDPA: compare with HF's own SDPA forward
+        hs = plain_model(smollm.hf)(tokens, output_hidden_states=True).hidden_states
     torch.testing.assert_close(cap["blocks.0.hook_resid_pre"].values[0], hs[0][0], atol=1e-5, rtol=0)
     for layer in range(smollm.config.n_layers - 1):  # HF's last entry is after the final norm
-        # the capture runs SDPA, HF here eager: fp32 summation order differs over 30
-        # layers of residuals up to ~100 in size (seen: up to 1.14e-4 absolute)
         torch.testing.assert_close(cap[f"blocks.{layer}.hook_resid_post"].values[0],
-                                   hs[layer + 1][0], atol=2e-4, rtol=0)
+                                   hs[layer + 1][0], atol=1e-4, rtol=0)
     last = cap[f"blocks.{smollm.config.n_layers - 1}.hook_resid_post"].values[0]
     with torch.no_grad():  # HF's last entry is the last block's output after the final norm
         torch.testing.assert_close(smollm.bridge.ln_final(last), hs[-1][0], atol=1e-4, rtol=0)
