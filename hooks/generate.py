@@ -10,7 +10,8 @@
    ``finished`` telling whether generation stopped at eos or was cut at the limit.
 
 Seeds: prompt ``i`` of ``think_batch(prompts, seed=s)`` is generated with seed ``s + i``,
-so it equals ``think(prompts[i], seed=s + i)`` token for token; with ``n`` samples per
+so it equals ``think(prompts[i], seed=s + i)`` token for token (``seed`` may also be a
+list, one seed per prompt); with ``n`` samples per
 prompt, sample ``j`` of prompt ``i`` is drawn with ``sample_seed(s + i, j)`` from one
 Request of ``n`` (the prompt is computed once, by either engine); ``seed=None`` draws each
 prompt's seed from torch's global generator (``torch.manual_seed`` makes it
@@ -68,7 +69,7 @@ def generate_ids(model: Any, requests: Sequence[Request], sampling: Sampling, *,
 
 
 def generate_many(model: Any, prompts: list[str], *, max_new_tokens: int, temperature: float,
-                  seed: int | None, meta: dict | None, batch_size: int = 64,
+                  seed: int | Sequence[int] | None, meta: dict | None, batch_size: int = 64,
                   progress: bool | None = None, top_p: float = 1.0,
                   engine: str | None = None, thinking: str = "auto", n: int = 1) -> list:
     """``n`` Traces per prompt, prompt-major (module docstring); ``think_batch`` calls this."""
@@ -82,6 +83,11 @@ def generate_many(model: Any, prompts: list[str], *, max_new_tokens: int, temper
     ids = [model.encode(r) for r in rendered]
     if seed is None:
         seeds = [int(torch.randint(2**62, ())) for _ in prompts]
+    elif isinstance(seed, Sequence):  # one seed per prompt (a resumed job keeps each its own)
+        if len(seed) != len(prompts) or not all(isinstance(s, int) for s in seed):
+            raise ConfigError(f"seed has {len(seed)} entries for {len(prompts)} prompts; give "
+                              "one integer seed, or one per prompt")
+        seeds = [int(s) for s in seed]
     else:
         seeds = [int(seed) + i for i in range(len(prompts))]
     requests = [Request(x, n=n, seed=s) for x, s in zip(ids, seeds)]

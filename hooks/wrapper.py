@@ -137,7 +137,7 @@ class Model:
                                 engine=engine, thinking=thinking)[0]
 
     def think_batch(self, prompts: Sequence[str], *, max_new_tokens: int = 256,
-                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                    temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
                     meta: dict | None = None, batch_size: int = 64,
                     progress: bool | None = None, engine: str | None = None,
                     thinking: str = "auto", n: int = 1):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from thinklens.cli import main
+from thinklens.errors import ConfigError
 from thinklens.hooks.store import Store
 
 
@@ -309,3 +310,24 @@ def test_capture_traces_equals_the_api_and_generates_nothing(thought, organism, 
     for key in ("blocks.1.hook_resid_post", "sentence_attention"):
         torch.testing.assert_close(got[key].values, api[key].values, atol=1e-5, rtol=1e-5)
     assert main(args) == 0 and len(Store.open(tmp_path / "s")) == len(traces)  # resumes
+
+
+def test_sampled_capture_seeds_each_prompt_by_its_line_whatever_the_rounds(organism, tmp_path):
+    """A resumed (or differently chunked) sampled run generates what one uninterrupted
+    think_batch does: prompt k is seeded seed + k, not by its place in a round."""
+    from thinklens.jobs.journal import run_capture
+
+    prompts = ["a = 7 ; b = a + 2 ; ? b", "c = 5 ; d = c - 1 ; ? d", "e = 3 ; ? e"]
+    records = [(f"p{k}", p) for k, p in enumerate(prompts)]
+    kw = dict(sites=["blocks.0.hook_resid_post"], max_new_tokens=24, temperature=3.0, seed=4,
+              progress=False)
+    one = run_capture(organism, records, tmp_path / "one", chunk=3, **kw)
+    rounds = run_capture(organism, records, tmp_path / "rounds", chunk=1, **kw)
+    want = organism.think_batch(prompts, max_new_tokens=24, temperature=3.0, seed=4)
+    got_one = {t.meta["id"]: t.token_ids for t in one.traces}
+    got_rounds = {t.meta["id"]: t.token_ids for t in rounds.traces}
+    assert got_one == got_rounds == {f"p{k}": t.token_ids for k, t in enumerate(want)}
+    greedy = organism.think_batch(prompts, max_new_tokens=24)
+    assert [t.token_ids for t in want] != [t.token_ids for t in greedy]  # it sampled
+    with pytest.raises(ConfigError, match="seed has 2 entries for 3 prompts"):
+        organism.think_batch(prompts, seed=[1, 2])

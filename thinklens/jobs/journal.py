@@ -144,6 +144,9 @@ def run_capture(model: Any, records: Sequence[tuple[str, str]], out: str | os.Pa
         for row in read_journal(journal, repair=True):
             pending[row["meta"]["id"]] = Trace.from_dict(row)
     todo = [(pid, p) for pid, p in records if pid not in done]
+    # each prompt's seed follows its line in the prompts file, not the round it lands in,
+    # so a resumed sampled run generates what an uninterrupted one does
+    line = {pid: k for k, (pid, _) in enumerate(records)}
     bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="prompts",
                unit="prompt", disable=not progress)
     for start in range(0, len(todo), chunk):
@@ -151,7 +154,9 @@ def run_capture(model: Any, records: Sequence[tuple[str, str]], out: str | os.Pa
         fresh = [(pid, p) for pid, p in part if pid not in pending]
         if fresh:
             made = model.think_batch([p for _, p in fresh], max_new_tokens=max_new_tokens,
-                                     temperature=temperature, seed=seed, thinking=thinking,
+                                     temperature=temperature, thinking=thinking,
+                                     seed=None if seed is None else
+                                     [seed + line[pid] for pid, _ in fresh],
                                      batch_size=generate_batch_size, progress=False)
             for (pid, _), tr in zip(fresh, made):
                 tr.meta["id"] = pid
