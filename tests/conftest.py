@@ -66,6 +66,18 @@ def qwen2(qwen2_dir):
 
 
 @pytest.fixture(scope="session")
+def qwen3(qwen3_dir):
+    import thinklens
+    return thinklens.load(str(qwen3_dir))
+
+
+@pytest.fixture(params=["qwen2", "qwen3", "organism"])
+def model(request):
+    """Each of the three architectures the exactness tests run on (GQA, QK-norm, Llama)."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
 def organism():
     import thinklens
     return thinklens.load("organism")

@@ -34,16 +34,6 @@ PROMPTS = [  # ragged sentences; prompt and answer tokens lie outside every sent
 ]
 
 
-@pytest.fixture(scope="module")
-def qwen3(qwen3_dir):
-    return thinklens.load(str(qwen3_dir))
-
-
-@pytest.fixture(params=["qwen2", "qwen3", "organism"])
-def model(request):
-    return request.getfixturevalue(request.param)
-
-
 def _reference(model, trace) -> torch.Tensor:
     """[layer, head, S, S] from the eager bridge's full patterns, by the definition."""
     pats: dict[int, torch.Tensor] = {}

@@ -80,11 +80,6 @@ def test_plain_model_shares_the_bridges_weights(organism, qwen3):
                                    atol=1e-4, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def qwen3(qwen3_dir):
-    return thinklens.load(str(qwen3_dir))
-
-
 def test_batch_equals_single(qwen2):
     prompts = ["a = 1 ; ? a", "b = 2 ; ? b", "c = a + 1 ; a = 2 ; ? c"]  # two lengths
     batch = qwen2.think_batch(prompts, max_new_tokens=6)

@@ -11,7 +11,6 @@ import importlib
 import pytest
 import torch
 
-import thinklens
 from thinklens import Trace
 from thinklens.errors import ConfigError
 from thinklens.hooks import attention_impl
@@ -25,16 +24,6 @@ PROMPTS = [
      "c = b + 4 ; b = a - 2 . a = 7 ; b = 7 - 2 = 5 . c = 5 + 4 = 9 ; c = 9 . </think> 9 <eos>"),
     ("a = 3 ; ? a", "a = 3 ; a = 3 . </think> 3 <eos>"),
 ]
-
-
-@pytest.fixture(scope="module")
-def qwen3(qwen3_dir):
-    return thinklens.load(str(qwen3_dir))
-
-
-@pytest.fixture(params=["qwen2", "qwen3", "organism"])
-def model(request):
-    return request.getfixturevalue(request.param)
 
 
 def _non_pattern_sites(model) -> list[str]:
