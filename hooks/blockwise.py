@@ -106,4 +106,25 @@ def blockwise_sentence_means(
     return out
 
 
-__all__ = ["BLOCK_BYTES", "sentence_index", "block_rows", "blockwise_sentence_means"]
+def vertical_scores(
+        sentence_attention: Float[Tensor, "*lead query_sentence key_sentence"],
+        proximity: int = 4) -> Float[Tensor, "*lead key_sentence"]:
+    """Each sentence's vertical score (Bogdan et al. 2025, Thought Anchors).
+
+    ``v[..., j]`` = mean of ``sentence_attention[..., i, j]`` over the query sentences
+    ``i >= j + proximity`` (each later sentence weighted equally, whatever its length);
+    NaN where no sentence is that far after ``j`` (the last ``proximity`` sentences).
+    """
+    if proximity < 0:
+        raise ValueError(f"proximity={proximity}; need an integer >= 0")
+    n_q, n_k = sentence_attention.shape[-2:]
+    i = torch.arange(n_q, device=sentence_attention.device)[:, None]
+    j = torch.arange(n_k, device=sentence_attention.device)[None, :]
+    keep = (i >= j + proximity).to(sentence_attention.dtype)
+    total = (sentence_attention * keep).sum(-2)
+    count = keep.sum(0)
+    return total / count.where(count > 0, torch.full_like(count, float("nan")))
+
+
+__all__ = ["BLOCK_BYTES", "sentence_index", "block_rows", "blockwise_sentence_means",
+           "vertical_scores"]
