@@ -1,0 +1,298 @@
+"""Attention suppression of thinking sentences, exact and first-order (Thought Anchors).
+
+**Suppression** (Bogdan et al. 2025, "Thought Anchors", arXiv 2506.19143, section 3.3):
+
+1. One baseline pass of the whole trace (prompt, thinking, answer) on the bridge's eager
+   attention, with the same hook as below masking nothing.
+2. For each thinking sentence ``j``, a pass in which every head of every layer cannot
+   attend to the keys of ``j``: a hook on ``blocks.L.attn.hook_attn_scores`` (the
+   pre-softmax scores, after the causal mask) sets the scores of those key columns to
+   the dtype's minimum, for every query. Several sentences run as rows of one batch:
+   row ``r`` holds a copy of the trace and its own key mask (``[batch, key_pos]``
+   broadcast over heads and queries), so one pass suppresses ``batch_size`` sentences.
+   No architecture's code is changed; the hook is scoped to the pass.
+3. The sentence×sentence matrix: ``M[i, j]`` = mean over the tokens ``t`` of sentence ``i``
+   of ``log KL(p_base(·|≤t) ‖ p_supp_j(·|≤t))`` (next-token distributions read at ``t``;
+   KL floored at ``1e-12`` before the log). Cells with ``i < j`` cannot change (causal)
+   and are NaN.
+4. The answer effect of sentence ``j``: the KL of the answer distributions summed over
+   the answer tokens (teacher-forced: the distribution that predicts each token of the
+   trace's answer span), and the change of the answer's score,
+   ``Δ_j = score_supp_j − score_base`` (negative = the answer needed ``j``), for two
+   scores: the answer's log-probability (``answer_delta``) and its log-odds
+   ``log p − log(1 − p)`` (``answer_logodds_delta``; summed over answer tokens).
+
+**Sentence attribution** (attribution patching, Nanda 2023 / Kramár et al. 2024, applied
+to the key mask; one forward and one backward pass):
+
+1. Every thinking sentence gets a weight ``m_j`` on the attention to its keys. In every
+   head and layer each query row's weights on the keys of ``j`` are multiplied by
+   ``m_j`` and the weight taken from them, ``(1 − m_j) P_j`` (``P_j`` = the row's total
+   weight on ``j``), goes to the row's other keys in proportion to their weights. That is
+   the straight line between the plain pattern (``m = 1``) and the suppressed one of
+   step 2 (``m_j = 0`` is exactly suppression: the other keys ``p_k / (1 − P_j)``), taken
+   in pattern space, through a hook on ``blocks.L.attn.hook_pattern``.
+   Why not ``log m`` added to the scores (the rational path between the same two end
+   points): its derivative at ``m = 1`` is ``P_j (1 − P_j)`` per row, which vanishes where a
+   head puts almost all its weight on one sentence — the heads that matter most; the
+   linear path keeps the full difference ``p_supp − p`` (AtP on the pattern).
+2. One pass with ``u = 1 − m = 0`` and one backward pass of the answer's score give
+   ``g_j = ∂ score / ∂u_j`` at ``m = 1``; the first-order estimate of suppressing ``j``
+   (``m_j: 1 → 0``, ``u_j: 0 → 1``) is ``Δ̂_j = g_j``, to compare with the exact ``Δ_j``.
+3. The score is the answer's log-odds by default: a confident answer (``p ≈ 1``) has a
+   log-probability whose gradient is about 0 whatever the sentence, so its first-order
+   estimate says nothing; the log-odds is linear in the answer's logit margin. (The
+   KL's gradient is 0 at the baseline: it has no first-order estimate.)
+
+Example::
+
+    from thinklens.circuits import suppression, sentence_attribution
+
+    sup = suppression(model, trace)          # sup.matrix [query_sentence, key_sentence]
+    sup.answer_logodds_delta                 # [sentence]: Δ log-odds(answer) per sentence
+    att = sentence_attribution(model, trace)
+    att.estimate                             # [sentence]: its first-order estimate
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from thinklens.errors import ConfigError, PositionError
+from thinklens.hooks import forward as fwd
+from thinklens.hooks.blockwise import sentence_index
+from thinklens.hooks.trace import Trace
+
+KL_FLOOR = 1e-12
+
+
+@dataclass
+class SuppressionResult:
+    """Exact attention suppression of each thinking sentence of one trace.
+
+    ``matrix[i, j]``: mean log-KL over sentence ``i``'s tokens when ``j``'s keys are
+    masked (NaN for ``i < j`` and for sentences not suppressed); ``answer_kl[j]`` the KL
+    of the answer distribution; ``answer_delta[j]`` / ``answer_logodds_delta[j]`` the
+    change of the answer's log-probability / log-odds (``baseline_logprob`` and
+    ``baseline_logodds`` are the unsuppressed values).
+    """
+
+    trace: Trace
+    sentences: list[str]
+    matrix: Float[Tensor, "query_sentence key_sentence"]
+    answer_kl: Float[Tensor, " sentence"]
+    answer_delta: Float[Tensor, " sentence"]
+    answer_logodds_delta: Float[Tensor, " sentence"]
+    baseline_logprob: float
+    baseline_logodds: float
+    suppressed: list[int]
+
+    def delta(self, metric: str = "logodds") -> Float[Tensor, " sentence"]:
+        """``answer_logodds_delta`` (``"logodds"``) or ``answer_delta`` (``"logprob"``)."""
+        return self.answer_delta if _metric(metric) == "logprob" else self.answer_logodds_delta
+
+
+@dataclass
+class SentenceAttribution:
+    """First-order estimate of each sentence's suppression effect on the answer.
+
+    ``estimate[j]`` = ``∂ score / ∂(1 − m_j)`` at ``m = 1``, the linear estimate of
+    ``SuppressionResult.delta(metric)[j]``; ``metric`` is ``"logodds"`` or ``"logprob"``,
+    ``baseline`` the answer's unsuppressed score.
+    """
+
+    trace: Trace
+    sentences: list[str]
+    estimate: Float[Tensor, " sentence"]
+    metric: str
+    baseline: float
+
+
+def check_trace(trace: Trace, what: str) -> None:
+    """Refuse a trace with no thinking sentences or no answer tokens (before any pass)."""
+    if not isinstance(trace, Trace):
+        raise ConfigError(f"{what} takes one Trace, got {type(trace).__name__}")
+    if not trace.sentences:
+        raise ConfigError(f"{what}: the trace has no thinking sentences (thinking "
+                          f"{trace.thinking_text!r}); give a trace whose thinking holds "
+                          "at least one sentence")
+    if len(trace.answer_span) == 0 or trace.answer_span.start == 0:
+        raise ConfigError(f"{what}: the trace has no answer tokens to score (answer span "
+                          f"{trace.answer_span}); give a finished trace with an answer")
+
+
+def _sentence_list(trace: Trace, sentences: Sequence[int] | None) -> list[int]:
+    n = len(trace.sentences)
+    if sentences is None:
+        return list(range(n))
+    out = [int(j) for j in sentences]
+    bad = [j for j in out if not 0 <= j < n]
+    if bad:
+        raise PositionError(f"sentence index {bad[0]} out of range: the trace has {n} "
+                            f"thinking sentences (valid 0..{n - 1})")
+    return out
+
+
+def _bounds(trace: Trace) -> Int[Tensor, "sentence 2"]:
+    return torch.tensor([[s.start, s.end] for s in trace.sentences], dtype=torch.long)
+
+
+def _answer_rows(trace: Trace) -> tuple[list[int], list[int]]:
+    """Logit positions predicting each answer token, and those tokens' ids."""
+    a = trace.answer_span
+    return list(range(a.start - 1, a.end - 1)), list(trace.token_ids[a.start:a.end])
+
+
+def _score_sites(model) -> list[str]:
+    return [f"blocks.{layer}.attn.hook_attn_scores" for layer in range(model.config.n_layers)]
+
+
+def _mask_hooks(model, key_mask: Tensor) -> list[fwd.Hook]:
+    """Hooks setting the scores of ``key_mask [batch, key_pos]`` columns to the minimum."""
+    def fn(x, hook):
+        m = key_mask[:, None, None, : x.shape[-1]].to(x.device)
+        return x.masked_fill(m, torch.finfo(x.dtype).min)
+    return [(s, fn) for s in _score_sites(model)]
+
+
+def _interp_hooks(model, u: Tensor, sent: Tensor) -> list[fwd.Hook]:
+    """Hooks replacing each pattern ``p`` by ``p + Σ_j u_j (p_supp_j − p)`` (``u = 1 − m``).
+
+    Per query row, ``P_j`` = the row's weight on sentence ``j``'s keys; the suppressed
+    row is ``p_k / (1 − P_j)`` off ``j`` and 0 on it, so the factor on key ``k`` is
+    ``1 + Σ_j u_j P_j / (1 − P_j) − u_{s(k)} / (1 − P_{s(k)})``. ``P`` is detached: the terms
+    it enters are multiplied by ``u``, which is 0 where the gradient is taken.
+    """
+    n = u.shape[0]
+
+    def fn(p, hook):
+        s = sent[: p.shape[-1]]
+        w = p.detach().float()
+        big = torch.zeros((*w.shape[:-1], n + 1), device=w.device).index_add_(-1, s, w)[..., :n]
+        inv = 1.0 / (1.0 - big).clamp(min=1e-6)                                # [b, h, q, S]
+        spread = (u * big * inv).sum(-1, keepdim=True)
+        u_key = torch.cat([u, u.new_zeros(1)])[s]                             # [k]
+        inv_key = torch.cat([inv, inv.new_zeros((*inv.shape[:-1], 1))], -1)[..., s]
+        return p * (1.0 + spread - u_key * inv_key).to(p.dtype)
+    return [(f"blocks.{layer}.attn.hook_pattern", fn) for layer in range(model.config.n_layers)]
+
+
+METRICS = ("logodds", "logprob")
+
+
+def _metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ConfigError(f"metric={metric!r}; valid: {', '.join(METRICS)}")
+    return metric
+
+
+def _answer_score(logits: Tensor, answer: Sequence[int], metric: str = "logprob") -> Tensor:
+    """Summed log-probability (or log-odds) of ``answer`` (rows of ``logits`` predict its tokens)."""
+    logp = logits.float().log_softmax(-1)
+    idx = torch.as_tensor(answer, device=logits.device)
+    rows = torch.arange(len(answer), device=logits.device)
+    lp = logp[rows, idx]
+    if metric == "logodds":
+        rest = logp.scatter(1, idx[:, None], float("-inf")).logsumexp(-1)
+        lp = lp - rest
+    return lp.sum()
+
+
+def suppression(model, trace: Trace, *, sentences: Sequence[int] | None = None,
+                batch_size: int = 8, matrix: bool = True) -> SuppressionResult:
+    """Mask the keys of each thinking sentence in every head and layer; score the effects.
+
+    ``sentences``: indices to suppress (default all); ``batch_size``: suppressed copies
+    per forward pass; ``matrix=False`` skips the sentence×sentence matrix (the answer
+    effects need only the answer rows' logits).
+
+    Example::
+
+        sup = suppression(model, trace)
+        sup.matrix.shape, sup.answer_delta.shape    # (S, S), (S,)
+    """
+    check_trace(trace, "suppression")
+    which = _sentence_list(trace, sentences)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}; must be a positive integer")
+    fwd.as_traces(model, [trace])
+    n_sent, n_tok = len(trace.sentences), len(trace.token_ids)
+    bounds = _bounds(trace)
+    sent = sentence_index(bounds, n_tok)
+    ans_rows, ans_ids = _answer_rows(trace)
+    think_rows = [t for t in range(n_tok) if int(sent[t]) < n_sent] if matrix else []
+    rows = think_rows + ans_rows
+    seqs = [list(trace.token_ids)]
+
+    def run(masked: list[int]) -> list[Tensor]:
+        key_mask = torch.zeros((max(1, len(masked)), n_tok), dtype=torch.bool)
+        for r, j in enumerate(masked):
+            key_mask[r] = sent == j
+        batch = fwd.pad(model, seqs, [0] * key_mask.shape[0])
+        out = fwd.forward(model, batch, _mask_hooks(model, key_mask),
+                          logits_at=[rows] * key_mask.shape[0], attention="eager")
+        return [x.detach().float() for x in out]
+
+    base = run([])[0]
+    base_logp = base.log_softmax(-1)
+    n_think = len(think_rows)
+    base_ans = float(_answer_score(base[n_think:], ans_ids))
+    base_odds = float(_answer_score(base[n_think:], ans_ids, "logodds"))
+    mat = torch.full((n_sent, n_sent), float("nan"))
+    kl_ans = torch.full((n_sent,), float("nan"))
+    delta = torch.full((n_sent,), float("nan"))
+    odds = torch.full((n_sent,), float("nan"))
+    tok_sent = sent[torch.as_tensor(think_rows, dtype=torch.long)] if think_rows else None
+    for a in range(0, len(which), batch_size):
+        chunk = which[a:a + batch_size]
+        for j, out in zip(chunk, run(chunk)):
+            logp = out.log_softmax(-1)
+            kl = (base_logp.exp() * (base_logp - logp)).sum(-1).clamp(min=0)   # [rows]
+            kl_ans[j] = float(kl[n_think:].sum())
+            delta[j] = float(_answer_score(out[n_think:], ans_ids)) - base_ans
+            odds[j] = float(_answer_score(out[n_think:], ans_ids, "logodds")) - base_odds
+            if tok_sent is not None:
+                logkl = kl[:n_think].clamp(min=KL_FLOOR).log().cpu()
+                sums = torch.zeros(n_sent).index_add_(0, tok_sent, logkl)
+                counts = torch.zeros(n_sent).index_add_(0, tok_sent, torch.ones(n_think))
+                col = sums / counts.clamp(min=1)
+                col[:j] = float("nan")
+                mat[:, j] = col
+    return SuppressionResult(trace, [s.text for s in trace.sentences], mat, kl_ans, delta,
+                             odds, base_ans, base_odds, which)
+
+
+def sentence_attribution(model, trace: Trace, *, metric: str = "logodds") -> SentenceAttribution:
+    """First-order estimate of every sentence's suppression effect: one forward, one backward.
+
+    ``metric``: the answer's score whose change is estimated, ``"logodds"`` (default; see
+    the module's step 3 of sentence attribution) or ``"logprob"``.
+
+    Example::
+
+        att = sentence_attribution(model, trace)
+        att.estimate.shape         # (S,): estimated Δ log-odds(answer) of suppressing each
+    """
+    check_trace(trace, "sentence_attribution")
+    _metric(metric)
+    fwd.as_traces(model, [trace])
+    n_sent, n_tok = len(trace.sentences), len(trace.token_ids)
+    sent = sentence_index(_bounds(trace), n_tok).to(model.device)
+    ans_rows, ans_ids = _answer_rows(trace)
+    u = torch.zeros(n_sent, device=model.device, requires_grad=True)
+    batch = fwd.pad(model, [list(trace.token_ids)], [0])
+    out = fwd.forward(model, batch, _interp_hooks(model, u, sent), logits_at=[ans_rows],
+                      grad=True, attention="eager")
+    score = _answer_score(out[0], ans_ids, metric)
+    (grad,) = torch.autograd.grad(score, u)
+    return SentenceAttribution(trace, [s.text for s in trace.sentences],
+                               grad.detach().float().cpu(), metric, float(score.detach()))
+
+
+__all__ = ["SuppressionResult", "SentenceAttribution", "suppression", "sentence_attribution",
+           "check_trace", "KL_FLOOR", "METRICS"]
