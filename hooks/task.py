@@ -93,6 +93,20 @@ class Task:
         """Per-token ground truth of ``trace`` (``None`` where unknown)."""
         raise ConfigError(f"the task {self.name!r} has no per-token ground truth")
 
+    def completion(self, prompt: str) -> str:
+        """The correct completion of ``prompt`` (thinking, ``</think>``, answer), for
+        teacher-forced traces: ``Trace.from_text(model, prompt, task.completion(prompt))``
+        puts the same tokens through every checkpoint of a training run."""
+        raise ConfigError(f"the task {self.name!r} cannot write the correct completion of a "
+                          "prompt; pass traces= (e.g. model.think_batch(prompts))")
+
+    def attention_targets(self, trace: Any) -> dict[str, list[tuple[int, list[int]]]]:
+        """Where the ground truth says attention must look in ``trace``: for each named
+        kind (the organism's ``lookup``, ``operand_copy``), ``(query position, key
+        positions)`` pairs; scored per head by :func:`thinklens.circuits.head_scores`."""
+        raise ConfigError(f"the task {self.name!r} has no ground truth for attention; score "
+                          "the generic kinds ('previous', 'duplicate', 'induction')")
+
     def problems(self, n: int, *, depths: Sequence[int] = (1, 2, 3, 4),
                  seed: int = 0) -> list[dict]:
         """``n`` held-out problems as rows ``{"id", "prompt", "answer", ...}``."""

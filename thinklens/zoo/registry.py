@@ -115,6 +115,28 @@ class OrganismTask(Task):
     def token_truth(self, trace: Any) -> list:
         return token_truth(trace)
 
+    def completion(self, prompt: str) -> str:
+        return problem_from_prompt(prompt).completion
+
+    def attention_targets(self, trace: Any) -> dict[str, list[tuple[int, list[int]]]]:
+        """``lookup``: each resolve step's ``=`` to the tokens of the prompt statement it
+        copies; ``operand_copy``: each compute step's first ``=`` to the earlier thinking
+        position holding its operand's value (positions where the ground truth is known)."""
+        truth, spans, start = token_truth(trace), [], trace.prompt_span.start + 1  # after <bos>
+        for k in trace.prompt_span.range:
+            if trace.tokens[k] == ";":
+                spans.append(list(range(start, k)))
+                start = k + 1
+        out: dict[str, list[tuple[int, list[int]]]] = {"lookup": [], "operand_copy": []}
+        for k, t in enumerate(truth):
+            if t is None or t.role != "eq":
+                continue
+            if t.phase == "resolve":
+                out["lookup"].append((k, spans[t.statement]))
+            elif t.phase == "compute" and truth[k - 1] is not None and truth[k - 1].role == "var":
+                out["operand_copy"].append((k, [t.source_pos]))
+        return out
+
     def problems(self, n: int, *, depths: Sequence[int] = (1, 2, 3, 4),
                  seed: int = 0) -> list[dict]:
         """``n`` held-out problems, depths taken in turn: ids ``organism-SEED-DEPTH-K``."""
