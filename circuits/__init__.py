@@ -13,6 +13,12 @@ Example::
     curve = faithfulness_curve(model, pair, full)             # against the number of edges
 """
 
+from thinklens.circuits.anchors_attention import (
+    SentenceAttribution,
+    SuppressionResult,
+    sentence_attribution,
+    suppression,
+)
 from thinklens.circuits.attribution import AttributionResult, atp, eap
 from thinklens.circuits.circuit import Circuit, FaithfulnessCurve, faithfulness_curve
 from thinklens.circuits.graph import Graph
@@ -21,8 +27,11 @@ from thinklens.circuits.metrics import Metric, answer_prob, kl_to, logit_diff, n
 from thinklens.circuits.pairs import Pair, make_pair
 from thinklens.circuits.patching import SITE_KINDS, PatchResult, patch
 from thinklens.circuits.paths import path_patch
+from thinklens.circuits.receivers import ReceiverHeads, fisher_kurtosis, receiver_heads
 
 __all__ = ["patch", "path_patch", "PatchResult", "make_pair", "Pair", "logit_diff", "answer_prob", "kl_to", "normalized",
            "Metric", "SITE_KINDS", "atp", "eap", "AttributionResult", "Circuit", "Graph",
            "FaithfulnessCurve", "faithfulness_curve",
-           "head_scores", "HeadScores", "icl_score", "ICLScore", "reference_traces"]
+           "head_scores", "HeadScores", "icl_score", "ICLScore", "reference_traces",
+           "receiver_heads", "ReceiverHeads", "fisher_kurtosis", "suppression",
+           "SuppressionResult", "sentence_attribution", "SentenceAttribution"]
