@@ -19,8 +19,25 @@ from thinklens.circuits.anchors_attention import (
     sentence_attribution,
     suppression,
 )
+from thinklens.circuits.anchors import ForcedAnswer, forced_answer
+from thinklens.circuits.anchors_resampling import (
+    Resampling,
+    embedding_comparator,
+    exact_comparator,
+    resampling,
+)
 from thinklens.circuits.attribution import AttributionResult, atp, eap
 from thinklens.circuits.circuit import Circuit, FaithfulnessCurve, faithfulness_curve
+from thinklens.circuits.faithfulness import (
+    AddedMistake,
+    EarlyAnswering,
+    FillerTokens,
+    Paraphrase,
+    added_mistake,
+    early_answering,
+    filler_tokens,
+    paraphrase,
+)
 from thinklens.circuits.graph import Graph
 from thinklens.circuits.heads import HeadScores, ICLScore, head_scores, icl_score, reference_traces
 from thinklens.circuits.metrics import Metric, answer_prob, kl_to, logit_diff, normalized
@@ -34,4 +51,7 @@ __all__ = ["patch", "path_patch", "PatchResult", "make_pair", "Pair", "logit_dif
            "FaithfulnessCurve", "faithfulness_curve",
            "head_scores", "HeadScores", "icl_score", "ICLScore", "reference_traces",
            "receiver_heads", "ReceiverHeads", "fisher_kurtosis", "suppression",
-           "SuppressionResult", "sentence_attribution", "SentenceAttribution"]
+           "SuppressionResult", "sentence_attribution", "SentenceAttribution",
+           "forced_answer", "ForcedAnswer", "resampling", "Resampling", "exact_comparator",
+           "embedding_comparator", "early_answering", "EarlyAnswering", "filler_tokens",
+           "FillerTokens", "added_mistake", "AddedMistake", "paraphrase", "Paraphrase"]

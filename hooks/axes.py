@@ -22,6 +22,8 @@ AXES: dict[str, str] = {
     "d_vocab": "the vocabulary (logits)",
     "one": "a site's single feature (e.g. a norm's scale)",
     "sentence": "a thinking sentence",
+    "cut": "a cut point of the thinking: before its first sentence, then after each sentence",
+    "answer": "one answer of an answer distribution (a candidate answer, or all others)",
     "query_sentence": "the attending sentence of a sentence x sentence attention matrix",
     "key_sentence": "the attended-to sentence of a sentence x sentence attention matrix",
     # analyses
