@@ -11,6 +11,11 @@
    loses no row and duplicates none). Held-out accuracy is teacher-forced exact match of the whole
    completion, which equals greedy-generation exact match (greedy decoding reproduces the
    target iff every teacher-forced argmax is right).
+4. ``kind`` picks the task: ``"variable-binding"`` (the first organism) or ``"backtrack"``
+   (:mod:`thinklens.zoo.backtrack_task`, whose sampled detours and mistakes make the
+   thinking vary; its held-out problems carry the plain thinking, which greedy decoding
+   should reproduce). ``micro_batch`` > 0 splits each batch, sorted by length, into
+   pieces of that size (less padding; the loss is still the mean over the batch's tokens).
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -34,12 +40,18 @@ from thinklens.hooks._fileio import (
     atomic_write_text,
     replace_durably,
 )
+from thinklens.zoo import backtrack_task
 from thinklens.zoo.task import Problem, TaskConfig, generate
 from thinklens.zoo.vocab import SPECIALS, SYMBOLS, build_tokenizer
 
 VOCAB = {tok: i for i, tok in enumerate(SPECIALS + SYMBOLS)}
 PAD, BOS, EOS, THINK, END_THINK = (VOCAB[t] for t in
                                    ("<pad>", "<bos>", "<eos>", "<think>", "</think>"))
+# kind -> (task config class, generator, extra whole-word tokens)
+KINDS = {"variable-binding": (TaskConfig, generate, ()),
+         "backtrack": (backtrack_task.BacktrackConfig, backtrack_task.generate,
+                       (backtrack_task.WAIT,))}
+NEW_FIELDS = {"kind": "variable-binding", "context": 256, "micro_batch": 0}  # runs before them
 
 
 @dataclass
@@ -58,12 +70,20 @@ class TrainConfig:
     n_heads: int = 4
     d_mlp: int = 384
     threads: int = 1
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: Any = None            # the kind's config class; None = its defaults
+    kind: str = "variable-binding"
+    context: int = 256
+    micro_batch: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.task, dict):
-            self.task = TaskConfig(**{k: tuple(v) if k == "ops" else v
-                                      for k, v in self.task.items()})
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind={self.kind!r}; valid: {', '.join(KINDS)}")
+        klass = KINDS[self.kind][0]
+        if self.task is None:
+            self.task = klass()
+        elif isinstance(self.task, dict):
+            self.task = klass(**{k: tuple(v) if k == "ops" else v
+                                 for k, v in self.task.items()})
         for name in ("steps", "batch_size", "ckpt_every", "d_model", "n_layers", "n_heads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
@@ -71,25 +91,30 @@ class TrainConfig:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
 
+def _vocab(kind: str) -> dict[str, int]:
+    return {tok: i for i, tok in enumerate(SPECIALS + SYMBOLS + list(KINDS[kind][2]))}
+
+
 def _model_config(cfg: TrainConfig) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=len(VOCAB), hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
+        vocab_size=len(_vocab(cfg.kind)), hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_heads, max_position_embeddings=256, rms_norm_eps=1e-5,
+        num_key_value_heads=cfg.n_heads, max_position_embeddings=cfg.context, rms_norm_eps=1e-5,
         tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
         rope_theta=10000.0, attention_bias=False, mlp_bias=False,
     )
 
 
-def _encode(p: Problem) -> tuple[list[int], int]:
+def _encode(p: Problem, vocab: dict[str, int] = VOCAB) -> tuple[list[int], int]:
     """Token ids of the full sequence and the index of the first completion token."""
-    prompt = [BOS] + [VOCAB[t] for t in p.prompt_tokens()] + [THINK]
-    return prompt + [VOCAB[t] for t in p.completion.split()], len(prompt)
+    prompt = [BOS] + [vocab[t] for t in p.prompt_tokens()] + [THINK]
+    return prompt + [vocab[t] for t in p.completion.split()], len(prompt)
 
 
-def _make_batch(problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _make_batch(problems: list[Problem], vocab: dict[str, int] = VOCAB
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(input_ids [b, T], attention_mask [b, T], labels [b, T])``, right-padded."""
-    rows = [_encode(p) for p in problems]
+    rows = [_encode(p, vocab) for p in problems]
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), PAD)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -104,22 +129,48 @@ def _make_batch(problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor, to
 
 def _batch_problems(cfg: TrainConfig, step: int) -> list[Problem]:
     rng = random.Random(cfg.seed * 1_000_003 + step)
-    return [generate(rng, cfg.task, direct=rng.random() < cfg.direct_frac)
+    gen = KINDS[cfg.kind][1]
+    return [gen(rng, cfg.task, direct=rng.random() < cfg.direct_frac)
             for _ in range(cfg.batch_size)]
 
 
 def _heldout(cfg: TrainConfig, depth: int, n: int, direct: bool = False) -> list[Problem]:
-    """Held-out problems: a seed stream disjoint from training's (negative offsets)."""
+    """Held-out problems: a seed stream disjoint from training's (negative offsets).
+
+    Backtrack problems carry the plain thinking (no detour, no mistake): the one greedy
+    decoding should write."""
     rng = random.Random(-(cfg.seed * 7919 + depth * 104729 + int(direct) + 1))
-    return [generate(rng, cfg.task, depth=depth, direct=direct) for _ in range(n)]
+    task = cfg.task if cfg.kind == "variable-binding" else replace(
+        cfg.task, p_detour=0.0, p_mistake=0.0)
+    return [KINDS[cfg.kind][1](rng, task, depth=depth, direct=direct) for _ in range(n)]
+
+
+def _loss(model: LlamaForCausalLM, cfg: TrainConfig, problems: list) -> torch.Tensor:
+    """Mean next-token loss over the batch's labelled tokens (micro-batched if asked)."""
+    vocab = _vocab(cfg.kind)
+    if cfg.micro_batch <= 0:
+        ids, mask, labels = _make_batch(problems, vocab)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    order = sorted(problems, key=lambda p: len(_encode(p, vocab)[0]))
+    pieces = [_make_batch(order[i: i + cfg.micro_batch], vocab)
+              for i in range(0, len(order), cfg.micro_batch)]
+    total = sum(int((lab[:, 1:] != -100).sum()) for _, _, lab in pieces)
+    loss = torch.zeros(())
+    for ids, mask, labels in pieces:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        loss = loss + torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+            ignore_index=-100, reduction="sum") / total
+    return loss
 
 
 @torch.no_grad()
-def _exact_match(model: LlamaForCausalLM, problems: list[Problem], chunk: int = 250) -> float:
+def _exact_match(model: LlamaForCausalLM, problems: list[Problem], chunk: int = 250,
+                 vocab: dict[str, int] = VOCAB) -> float:
     """Fraction of problems whose whole completion is reproduced by greedy decoding."""
     hits = 0
     for i in range(0, len(problems), chunk):
-        ids, mask, labels = _make_batch(problems[i: i + chunk])
+        ids, mask, labels = _make_batch(problems[i: i + chunk], vocab)
         pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
         target = labels[:, 1:]
         ok = (pred == target) | (target == -100)
@@ -143,16 +194,17 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def save_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+def save_weights(model: LlamaForCausalLM, folder: Path, dtype: torch.dtype = torch.float32,
+                 kind: str = "variable-binding") -> None:
     """HF-loadable folder (config + safetensors + tokenizer), written atomically."""
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     model.config.architectures = [type(model).__name__]
-    model.config.thinklens_task = "variable-binding"  # marks the organism (segmentation)
+    model.config.thinklens_task = kind  # marks the organism (segmentation, its task)
     model.config.to_json_file(str(tmp / "config.json"))
-    build_tokenizer().save_pretrained(str(tmp))
+    build_tokenizer(KINDS[kind][2]).save_pretrained(str(tmp))
     if folder.exists():
         for f in folder.iterdir():
             f.unlink()
@@ -166,7 +218,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "train_config.json"
     if cfg_path.exists():
-        saved = json.loads(cfg_path.read_text())
+        saved = {**NEW_FIELDS, **json.loads(cfg_path.read_text())}
         if saved != json.loads(json.dumps(asdict(cfg))):
             raise ConfigError(f"{out} holds a run with another config ({cfg_path}); "
                               "resume with the same settings or choose a new --out")
@@ -198,8 +250,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step)
-        ids, mask, labels = _make_batch(_batch_problems(cfg, step))
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = _loss(model, cfg, _batch_problems(cfg, step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -210,16 +261,18 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             model.eval()
-            acc = {d: _exact_match(model, _heldout(cfg, d, cfg.eval_per_depth))
+            vocab = _vocab(cfg.kind)
+            acc = {d: _exact_match(model, _heldout(cfg, d, cfg.eval_per_depth), vocab=vocab)
                    for d in range(cfg.task.min_depth, cfg.task.max_depth + 1)}
-            direct = {d: _exact_match(model, _heldout(cfg, d, cfg.eval_per_depth, True))
+            direct = {d: _exact_match(model, _heldout(cfg, d, cfg.eval_per_depth, True),
+                                      vocab=vocab)
                       for d in range(cfg.task.min_depth, cfg.task.max_depth + 1)}
             model.train()
             row = {"step": step, "loss": sum(losses) / max(1, len(losses)),
                    "lr": _lr_at(cfg, step - 1), "acc_think": acc, "acc_direct": direct,
                    "seconds": round(time.time() - t0, 1)}
             rows.append(row)
-            save_weights(model, out / f"step-{step:06d}")
+            save_weights(model, out / f"step-{step:06d}", kind=cfg.kind)
             _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(),
                                 "step": step, "torch_rng": torch.get_rng_state(),
                                 "log": json.dumps(rows)}, state_path)
@@ -255,10 +308,11 @@ def ship(run: Path, dest: Path, steps: list[int], final: int | None = None) -> N
     for step, target in targets:
         model = AutoModelForCausalLM.from_pretrained(str(run / f"step-{step:06d}"))
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(model, target, dtype=torch.float16)
+        save_weights(model, target, dtype=torch.float16,
+                     kind=cfg.get("kind", "variable-binding"))
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line]
     atomic_write_json(dest / "curve.json", rows, indent=0)
     atomic_write_json(dest / "train_config.json", cfg, indent=1)
 
 
-__all__ = ["TrainConfig", "save_weights", "train", "ship"]
+__all__ = ["KINDS", "TrainConfig", "save_weights", "train", "ship"]

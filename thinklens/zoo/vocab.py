@@ -27,14 +27,18 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The organism tokenizer, built from the task vocabulary (deterministic ids)."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + SYMBOLS)}
+def build_tokenizer(words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """The organism tokenizer, built from the task vocabulary (deterministic ids).
+
+    ``words``: whole-word tokens appended after the symbols (the backtracking organism's
+    ``wait``); every other character stays one token.
+    """
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + SYMBOLS + list(words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # whitespace is optional in the text: every symbol is one character
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Split(Regex("."), behavior="isolated"),
+        pre_tokenizers.Split(Regex("".join(f"{w}|" for w in words) + "."), behavior="isolated"),
     ])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with spaces
     fast = PreTrainedTokenizerFast(
