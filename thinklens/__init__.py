@@ -20,16 +20,23 @@ from thinklens.hooks.wrapper import Model, ModelConfig
 from thinklens.plots import (
     plot_attention,
     plot_attribution_scatter,
+    plot_checkpoint_heads,
     plot_circuit,
     plot_dose_response,
+    plot_dynamics,
+    plot_early_answering,
     plot_early_exit,
     plot_faithfulness,
     plot_head_grid,
+    plot_head_scores,
     plot_logit_lens,
     plot_patching,
     plot_probe_by_layer,
     plot_probe_grid,
+    plot_receiver_kurtosis,
     plot_sentence_attention,
+    plot_sentence_importance,
+    plot_suppression_matrix,
     plot_trace,
     plot_training_curve,
 )
@@ -39,4 +46,7 @@ __all__ = ["load", "Model", "ModelConfig", "Trace", "Capture", "Store", "Thinkle
            "export", "figures", "theme", "zoo", "plot_attention", "plot_sentence_attention",
            "plot_trace", "plot_training_curve", "plot_probe_by_layer", "plot_probe_grid",
            "plot_logit_lens", "plot_early_exit", "plot_dose_response", "plot_patching",
-           "plot_head_grid", "plot_attribution_scatter", "plot_circuit", "plot_faithfulness"]
+           "plot_head_grid", "plot_attribution_scatter", "plot_circuit", "plot_faithfulness",
+           "plot_head_scores", "plot_checkpoint_heads", "plot_dynamics",
+           "plot_sentence_importance", "plot_suppression_matrix", "plot_receiver_kurtosis",
+           "plot_early_answering"]
