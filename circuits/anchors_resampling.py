@@ -69,7 +69,7 @@ _EMBEDDERS: dict[str, Any] = {}
 class Resampling:
     """Resampling and counterfactual importance of one trace (module docstring).
 
-    Per cut (``S + 1``): ``cuts``, ``accuracy``, ``interval`` [cut, 2]. Per sentence (``S``):
+    Scores are float64 (exact fractions of ``n``). Per cut (``S + 1``): ``cuts``, ``accuracy``, ``interval`` [cut, 2]. Per sentence (``S``):
     ``resampling``, ``resampling_kl``, ``resampling_interval`` [sentence, 2],
     ``counterfactual``, ``counterfactual_kl``, ``different`` (how many of the ``n``
     resamples of sentence ``i`` were judged different). ``rollouts`` keeps every rollout.
@@ -215,7 +215,7 @@ def resampling(model: Any, trace: Trace, *, n: int = 50, temperature: float = 1.
                    answer=answer, reference=ref, journal=journal, budget=budget,
                    progress=progress)
     correct = [[a == ref for a in c.answers] for c in ro.cuts]
-    acc = torch.tensor([sum(c) / n for c in correct])
+    acc = torch.tensor([sum(c) / n for c in correct], dtype=torch.float64)
     ri, ri_kl, ri_ci, cf, cf_kl, diff = [], [], [], [], [], []
     for i in range(n_s):
         here, kept = ro.cuts[i], ro.cuts[i + 1]
@@ -235,12 +235,14 @@ def resampling(model: Any, trace: Trace, *, n: int = 50, temperature: float = 1.
         else:
             cf.append(math.nan)
             cf_kl.append(math.nan)
+    f64 = torch.float64
     return Resampling(
         trace=trace, cuts=cuts, reference=ref, n=n, accuracy=acc,
-        interval=torch.tensor([wilson_interval(sum(c), n) for c in correct]),
-        resampling=torch.tensor(ri), resampling_kl=torch.tensor(ri_kl),
-        resampling_interval=torch.tensor(ri_ci), counterfactual=torch.tensor(cf),
-        counterfactual_kl=torch.tensor(cf_kl), different=diff, rollouts=ro)
+        interval=torch.tensor([wilson_interval(sum(c), n) for c in correct], dtype=f64),
+        resampling=torch.tensor(ri, dtype=f64), resampling_kl=torch.tensor(ri_kl, dtype=f64),
+        resampling_interval=torch.tensor(ri_ci, dtype=f64),
+        counterfactual=torch.tensor(cf, dtype=f64),
+        counterfactual_kl=torch.tensor(cf_kl, dtype=f64), different=diff, rollouts=ro)
 
 
 __all__ = ["Resampling", "resampling", "Comparator", "COMPARATORS", "exact_comparator",
