@@ -1,0 +1,118 @@
+"""Measurements across checkpoints: the organism's phase change, resuming, checkpoint sources."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _typecheck import unchecked
+
+from thinklens.errors import ConfigError
+from thinklens.jobs import dynamics as D
+from thinklens.plots import plot_checkpoint_heads, plot_dynamics, plot_head_scores
+from thinklens.zoo.organism import HERE, training_curve
+
+
+@pytest.fixture(scope="module")
+def organism_heads():
+    return D.run_dynamics("organism", D.heads_measure(["lookup", "operand_copy"], n_task=32),
+                          progress=False)
+
+
+def _largest_rise(labels, values):
+    rises = [(b - a, (labels[k], labels[k + 1])) for k, (a, b) in
+             enumerate(zip(values, values[1:]))]
+    return max(rises)[1], sorted(r for r, _ in rises)
+
+
+def test_the_lookup_head_rises_with_depth_two_accuracy(organism_heads):
+    dyn = organism_heads
+    assert dyn.labels == ["step-000250", "step-000750", "step-001000", "step-001500", "final"]
+    assert dyn.steps == [250, 750, 1000, 1500, 2500]
+    final = dyn.values("heads.lookup")[-1]                       # [layer, head]
+    head = divmod(int(final.argmax()), final.shape[1])
+    assert head == (1, 0)                                        # the lookup head of notebook 02
+    score = dyn.series("heads.lookup", head)
+    by_step = {r["step"]: r for r in training_curve()}
+    acc2 = [by_step[s]["acc_think"]["2"] for s in dyn.steps]     # 3.5 % -> 57.5 % -> 98.5 % ...
+    interval, rises = _largest_rise(dyn.labels, score)
+    acc_interval, _ = _largest_rise(dyn.labels, acc2)
+    assert interval == acc_interval == ("step-000250", "step-000750")
+    # seen: +0.30 there, then +0.05, -0.01, +0.03
+    assert rises[-1] > 0.2 and rises[-1] > 3 * rises[-2]
+    assert [r[:2] for r in dyn.rises("heads.lookup", head)] == list(zip(dyn.labels, dyn.labels[1:]))
+
+
+def test_figures(organism_heads):
+    dyn = organism_heads
+    fig = plot_checkpoint_heads(dyn, "lookup")
+    assert len(fig.data) == 5 and {d.coloraxis for d in fig.data} == {"coloraxis"}
+    fig = plot_dynamics(dyn, "heads.lookup", [(1, 0), (1, 3)], curve=training_curve())
+    names = [d.name for d in fig.data]
+    assert "L1H0" in names and "loss" in names
+    assert list(fig.data[names.index("L1H0")].x) == dyn.steps
+    from thinklens.circuits import HeadScores
+    one = HeadScores({k[6:]: torch.tensor(v) for k, v in dyn.rows[-1].items()
+                      if k.startswith("heads.")}, {"lookup": 1, "operand_copy": 1})
+    assert len(plot_head_scores(one).data) == 2
+
+
+def test_resumes_after_an_interruption(tmp_path):
+    """Stopped during the second checkpoint: the rerun loads only the second."""
+    journal = tmp_path / "icl.jsonl"
+    ck, _ = D.checkpoints("organism")
+    icl = D.icl_measure(10, 40, n=16)
+    calls = []
+
+    def failing(model):
+        calls.append(model.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C (or a kill) does to the second checkpoint
+        return icl.fn(model)
+
+    with pytest.raises(KeyboardInterrupt):
+        D.run_dynamics(ck[:2], D.Measure(icl.name, failing, icl.settings), out=journal,
+                       progress=False)
+    assert [json.loads(r)["label"] for r in journal.read_text().splitlines()] == ["step-000250"]
+    with open(journal, "a") as f:
+        f.write('{"key": "torn')                                # what a kill mid-write leaves
+    loaded = []
+    original = D.Checkpoint.load
+
+    def counting(self, **kw):
+        loaded.append(self.label)
+        return original(self, **kw)
+
+    D.Checkpoint.load = counting
+    try:
+        dyn = D.run_dynamics(ck[:2], icl, out=journal, progress=False)
+        fresh = D.run_dynamics(ck[:1], icl, progress=False)
+    finally:
+        D.Checkpoint.load = original
+    assert loaded == ["step-000750", "step-000250"]
+    assert dyn.table()[:1] == fresh.table()                     # resumed = uninterrupted
+    assert len(journal.read_text().splitlines()) == 2           # the torn line was cut off
+    assert all(r["icl"] < 0 for r in dyn.table())
+    with pytest.raises(ConfigError, match="another measure or settings"):
+        D.run_dynamics(ck[:2], D.icl_measure(10, 30, n=16), out=journal, progress=False)
+
+
+def test_checkpoint_sources(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (250, 1000):
+        (run / f"step-{step:06d}").symlink_to(HERE / "checkpoints" / f"step-{step:06d}")
+    (run / "notes").mkdir()
+    ck, curve = D.checkpoints(run)
+    assert [(c.label, c.step) for c in ck] == [("step-000250", 250), ("step-001000", 1000)]
+    assert curve == []
+    ck, _ = D.checkpoints("EleutherAI/pythia-70m", revisions=["step1000", "step143000"])
+    assert [(c.step, c.revision, c.spec) for c in ck] == [
+        (1000, "step1000", "EleutherAI/pythia-70m"), (143000, "step143000", "EleutherAI/pythia-70m")]
+    with pytest.raises(ConfigError, match="no checkpoints in"):
+        D.checkpoints(tmp_path / "run" / "notes")
+    with pytest.raises(ConfigError, match="neither a bundled model"):
+        D.checkpoints("no/such-model")
+    with unchecked(), pytest.raises(ConfigError, match="give a Measure"):
+        D.run_dynamics("organism", lambda m: {})
