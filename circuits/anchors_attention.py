@@ -12,15 +12,26 @@
    broadcast over heads and queries), so one pass suppresses ``batch_size`` sentences.
    No architecture's code is changed; the hook is scoped to the pass.
 3. The sentence×sentence matrix: ``M[i, j]`` = mean over the tokens ``t`` of sentence ``i``
-   of ``log KL(p_base(·|≤t) ‖ p_supp_j(·|≤t))`` (next-token distributions read at ``t``;
-   KL floored at ``1e-12`` before the log). Cells with ``i < j`` cannot change (causal)
-   and are NaN.
+   of ``log KL(p_base(·|<t) ‖ p_supp_j(·|<t))`` (the teacher-forced distributions that
+   predict sentence ``i``'s tokens; KL floored at ``1e-12`` before the log). Cells with
+   ``i < j`` cannot change (causal) and are NaN.
 4. The answer effect of sentence ``j``: the KL of the answer distributions summed over
    the answer tokens (teacher-forced: the distribution that predicts each token of the
    trace's answer span), and the change of the answer's score,
    ``Δ_j = score_supp_j − score_base`` (negative = the answer needed ``j``), for two
    scores: the answer's log-probability (``answer_delta``) and its log-odds
    ``log p − log(1 − p)`` (``answer_logodds_delta``; summed over answer tokens).
+5. **Chain effect** (thinklens's addition). Steps 2–4 are direct effects: the later
+   sentences stay as written, so a step whose value only reaches the answer through the
+   steps after it (``a = 7 .`` → ``b = 7 - 2 = 5 .`` → answer) shows no answer effect, though
+   editing it and regenerating would change the answer. From the same passes:
+   ``token_drop[i, j]`` = the largest drop, over the tokens sentence ``i > j`` wrote, of
+   their probability when ``j`` is suppressed (``p_base − p_supp``, floored at 0): would
+   ``i`` be written differently?; ``answer_drop[j]`` the same for the answer's tokens.
+   ``chain[j]`` is the widest path from ``j`` to the answer in that graph (a path is as
+   wide as its narrowest edge; ``chain[j] = max(answer_drop[j], max_i min(token_drop[i, j],
+   chain[i]))``, from the last sentence back), in [0, 1]. It assumes that a change of
+   what ``i`` writes acts on the answer as suppressing ``i`` does.
 
 **Sentence attribution** (attribution patching, Nanda 2023 / Kramár et al. 2024, applied
 to the key mask; one forward and one backward pass):
@@ -79,7 +90,11 @@ class SuppressionResult:
     masked (NaN for ``i < j`` and for sentences not suppressed); ``answer_kl[j]`` the KL
     of the answer distribution; ``answer_delta[j]`` / ``answer_logodds_delta[j]`` the
     change of the answer's log-probability / log-odds (``baseline_logprob`` and
-    ``baseline_logodds`` are the unsuppressed values).
+    ``baseline_logodds`` are the unsuppressed values). ``token_drop[i, j]`` (``i > j``):
+    the largest drop of the probability of a token sentence ``i`` wrote;
+    ``answer_drop[j]`` the same for the answer's tokens; ``chain[j]`` the widest path
+    from ``j`` to the answer through those drops (step 5; NaN unless every sentence was
+    suppressed with ``matrix=True``).
     """
 
     trace: Trace
@@ -91,6 +106,9 @@ class SuppressionResult:
     baseline_logprob: float
     baseline_logodds: float
     suppressed: list[int]
+    token_drop: Float[Tensor, "query_sentence key_sentence"]
+    answer_drop: Float[Tensor, " sentence"]
+    chain: Float[Tensor, " sentence"]
 
     def delta(self, metric: str = "logodds") -> Float[Tensor, " sentence"]:
         """``answer_logodds_delta`` (``"logodds"``) or ``answer_delta`` (``"logprob"``)."""
@@ -225,8 +243,9 @@ def suppression(model, trace: Trace, *, sentences: Sequence[int] | None = None,
     bounds = _bounds(trace)
     sent = sentence_index(bounds, n_tok)
     ans_rows, ans_ids = _answer_rows(trace)
-    think_rows = [t for t in range(n_tok) if int(sent[t]) < n_sent] if matrix else []
-    rows = think_rows + ans_rows
+    # the distributions that predict each written sentence token k (read at row k - 1)
+    tokens = [k for k in range(n_tok) if int(sent[k]) < n_sent] if matrix else []
+    rows = [k - 1 for k in tokens] + ans_rows
     seqs = [list(trace.token_ids)]
 
     def run(masked: list[int]) -> list[Tensor]:
@@ -236,35 +255,51 @@ def suppression(model, trace: Trace, *, sentences: Sequence[int] | None = None,
         batch = fwd.pad(model, seqs, [0] * key_mask.shape[0])
         out = fwd.forward(model, batch, _mask_hooks(model, key_mask),
                           logits_at=[rows] * key_mask.shape[0], attention="eager")
-        return [x.detach().float() for x in out]
+        return [x.detach().float().cpu() for x in out]
 
-    base = run([])[0]
-    base_logp = base.log_softmax(-1)
-    n_think = len(think_rows)
-    base_ans = float(_answer_score(base[n_think:], ans_ids))
-    base_odds = float(_answer_score(base[n_think:], ans_ids, "logodds"))
-    mat = torch.full((n_sent, n_sent), float("nan"))
-    kl_ans = torch.full((n_sent,), float("nan"))
-    delta = torch.full((n_sent,), float("nan"))
-    odds = torch.full((n_sent,), float("nan"))
-    tok_sent = sent[torch.as_tensor(think_rows, dtype=torch.long)] if think_rows else None
+    n_think = len(tokens)
+    written = torch.as_tensor([trace.token_ids[k] for k in tokens] + ans_ids, dtype=torch.long)
+    base_logp = run([])[0].log_softmax(-1)
+    base_p = base_logp.exp()[torch.arange(len(rows)), written]
+    base_ans = float(_answer_score(base_logp[n_think:], ans_ids))
+    base_odds = float(_answer_score(base_logp[n_think:], ans_ids, "logodds"))
+    mat, drop_mat = (torch.full((n_sent, n_sent), float("nan")) for _ in range(2))
+    kl_ans, delta, odds, ans_drop = (torch.full((n_sent,), float("nan")) for _ in range(4))
+    tok_sent = sent[torch.as_tensor(tokens, dtype=torch.long)]
+    counts = torch.zeros(n_sent).index_add_(0, tok_sent, torch.ones(n_think)).clamp(min=1)
     for a in range(0, len(which), batch_size):
         chunk = which[a:a + batch_size]
         for j, out in zip(chunk, run(chunk)):
             logp = out.log_softmax(-1)
             kl = (base_logp.exp() * (base_logp - logp)).sum(-1).clamp(min=0)   # [rows]
+            drop = (base_p - logp.exp()[torch.arange(len(rows)), written]).clamp(min=0)
             kl_ans[j] = float(kl[n_think:].sum())
-            delta[j] = float(_answer_score(out[n_think:], ans_ids)) - base_ans
-            odds[j] = float(_answer_score(out[n_think:], ans_ids, "logodds")) - base_odds
-            if tok_sent is not None:
-                logkl = kl[:n_think].clamp(min=KL_FLOOR).log().cpu()
-                sums = torch.zeros(n_sent).index_add_(0, tok_sent, logkl)
-                counts = torch.zeros(n_sent).index_add_(0, tok_sent, torch.ones(n_think))
-                col = sums / counts.clamp(min=1)
+            delta[j] = float(_answer_score(logp[n_think:], ans_ids)) - base_ans
+            odds[j] = float(_answer_score(logp[n_think:], ans_ids, "logodds")) - base_odds
+            ans_drop[j] = float(drop[n_think:].max())
+            if n_think:
+                logkl = kl[:n_think].clamp(min=KL_FLOOR).log()
+                col = torch.zeros(n_sent).index_add_(0, tok_sent, logkl) / counts
                 col[:j] = float("nan")
                 mat[:, j] = col
+                top = torch.zeros(n_sent).scatter_reduce_(0, tok_sent, drop[:n_think], "amax")
+                top[: j + 1] = float("nan")
+                drop_mat[:, j] = top
+    chain = _widest_path(drop_mat, ans_drop) if matrix and len(which) == n_sent else \
+        torch.full((n_sent,), float("nan"))
     return SuppressionResult(trace, [s.text for s in trace.sentences], mat, kl_ans, delta,
-                             odds, base_ans, base_odds, which)
+                             odds, base_ans, base_odds, which, drop_mat, ans_drop, chain)
+
+
+def _widest_path(edge: Tensor, to_answer: Tensor) -> Tensor:
+    """Per sentence, the widest path to the answer: ``c[j] = max(to_answer[j],
+    max_{i > j} min(edge[i, j], c[i]))``, computed from the last sentence back."""
+    n = to_answer.shape[0]
+    c = torch.zeros(n)
+    for j in range(n - 1, -1, -1):
+        via = [min(float(edge[i, j]), float(c[i])) for i in range(j + 1, n)]
+        c[j] = max([float(to_answer[j]), *via])
+    return c
 
 
 def sentence_attribution(model, trace: Trace, *, metric: str = "logodds") -> SentenceAttribution:

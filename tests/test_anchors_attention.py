@@ -58,9 +58,17 @@ def test_suppression_matches_hf_with_a_custom_4d_mask(model_and_folder):
     n = len(trace.sentences)
     assert res.matrix.shape == (n, n) and res.answer_delta.shape == (n,)
     assert res.baseline_logprob == pytest.approx(float(base[a - 1, ans]), abs=1e-4)
+    ids = torch.tensor(trace.token_ids[1:] + [0])              # token predicted at each row
+    p_of = lambda lp: lp.exp()[torch.arange(len(ids)), ids]    # noqa: E731
+    drops = torch.full((n, n), float("nan"))
+    ans_drop = torch.zeros(n)
     for j, s in enumerate(trace.sentences):
         lp = _hf_logprobs(hf, trace, (s.start, s.end))
         kl = (base.exp() * (base - lp)).sum(-1).clamp(min=0)
+        d = (p_of(base) - p_of(lp)).clamp(min=0)
+        ans_drop[j] = d[a - 1]
+        for i in range(j + 1, n):
+            drops[i, j] = d[trace.sentences[i].start - 1:trace.sentences[i].end - 1].max()
         assert float(res.answer_delta[j]) == pytest.approx(float(lp[a - 1, ans] - base[a - 1, ans]),
                                                            abs=1e-4)
         assert float(res.answer_kl[j]) == pytest.approx(float(kl[a - 1]), abs=1e-4)
@@ -69,9 +77,21 @@ def test_suppression_matches_hf_with_a_custom_4d_mask(model_and_folder):
             if i < j:
                 assert np.isnan(cell)
                 continue
-            ref = float(kl[si.start:si.end].clamp(min=sup_mod.KL_FLOOR).log().mean())
+            ref = float(kl[si.start - 1:si.end - 1].clamp(min=sup_mod.KL_FLOOR).log().mean())
             if ref > -9:  # KL > ~1e-4: float noise is far below the value
                 assert cell == pytest.approx(ref, abs=1e-2)
+    torch.testing.assert_close(res.token_drop, drops, atol=1e-4, rtol=0, equal_nan=True)
+    torch.testing.assert_close(res.answer_drop, ans_drop, atol=1e-4, rtol=0)
+    # chain: the widest of all increasing paths j -> i1 -> ... -> answer, by enumeration
+    for j in range(n):
+        best = 0.0
+        later = list(range(j + 1, n))
+        for mask in range(2 ** len(later)):
+            path = [j] + [x for b, x in enumerate(later) if mask >> b & 1]
+            width = min([float(drops[q, p]) for p, q in zip(path, path[1:])]
+                        + [float(ans_drop[path[-1]])])
+            best = max(best, width)
+        assert float(res.chain[j]) == pytest.approx(best, abs=1e-4)
 
 
 def test_suppression_batches_equal_one_by_one(organism):

@@ -1,0 +1,193 @@
+"""Must-show numbers of issue 12 for the attention measures: suppression, sentence
+attribution, receiver heads, scored against an organism's ground truth.
+
+1. Held-out problems of the organism (``model.task.problems``), sampled at temperature 1
+   (``think_batch``); finished traces with thinking sentences and an answer are kept.
+2. Per trace: :func:`thinklens.circuits.suppression` (answer effect: the drop of the
+   answer's log-odds, also KL and log-prob, and the chain effect through later
+   sentences), :func:`thinklens.circuits.sentence_attribution`
+   (first-order estimate of the same drop); their Spearman per trace (signed, and of the
+   magnitudes).
+3. Truths per sentence: *used* = editing the sentence's value and regenerating the rest
+   (greedy, :func:`thinklens.circuits.added_mistake`) changes the final answer; the
+   task's role (``needed`` vs ``irrelevant``) where the task gives ``sentence_truth``.
+   AUROC of every score against both (sentences pooled over traces).
+4. Receiver heads on the traces with at least ``--min-sentences + --proximity`` sentences:
+   top heads, split-half r, and agreement with the heads the ground truth says read
+   earlier thinking (``circuits.head_scores(model, ["operand_copy"])``): the operand-copy
+   score of the top heads against the rest, and Spearman over the eligible heads.
+
+Writes ``benchmarks/results/anchors-attention-MODEL.json`` (atomic) and prints a table.
+
+    .venv/bin/python benchmarks/anchors_attention_eval.py --model organism-backtrack --n 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import thinklens  # noqa: E402
+from thinklens import circuits  # noqa: E402
+from thinklens.probes.metrics import auroc, spearman  # noqa: E402
+
+
+def _roles(model, trace) -> list[str] | None:
+    """The task's role per sentence (``needed`` / ``irrelevant`` / ...) or None."""
+    fn = getattr(model.task, "sentence_truth", None)
+    if fn is None:
+        return None
+    try:
+        return [getattr(s, "role", None) for s in fn(trace)]
+    except thinklens.ThinklensError:
+        return None
+
+
+def _auc(labels: list[bool], scores: list[float]) -> float | None:
+    keep = [(y, s) for y, s in zip(labels, scores) if s == s]  # drop NaN
+    if not keep or all(y for y, _ in keep) or not any(y for y, _ in keep):
+        return None
+    y = torch.tensor([float(y) for y, _ in keep])
+    return round(float(auroc(y, torch.tensor([s for _, s in keep]))), 4)
+
+
+def _used(model, trace) -> list[bool | None]:
+    out: list[bool | None] = []
+    for i in range(len(trace.sentences)):
+        try:
+            out.append(circuits.added_mistake(model, trace, i).changed > 0.5)
+        except thinklens.ThinklensError:  # a sentence without a value to edit
+            out.append(None)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="organism-backtrack")
+    ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--depths", default="2,3,4,5,6")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--proximity", type=int, default=2)
+    ap.add_argument("--min-sentences", type=int, default=6)
+    ap.add_argument("--no-used", action="store_true", help="skip the edit-and-regenerate truth")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    common.setup_threads(args.threads)
+    model = thinklens.load(args.model)
+    depths = [int(d) for d in args.depths.split(",")]
+    problems = model.task.problems(args.n, depths=depths, seed=args.seed)
+    traces = model.think_batch([p["prompt"] for p in problems], temperature=args.temperature,
+                               seed=args.seed)
+    traces = [t for t in traces if t.sentences and len(t.answer_span) and not t.truncated]
+    rows, t_sup, t_att, t_fwd = [], [], [], []
+    for t in traces:
+        a = time.perf_counter()
+        sup = circuits.suppression(model, t)
+        b = time.perf_counter()
+        att = circuits.sentence_attribution(model, t)
+        c = time.perf_counter()
+        with torch.no_grad():
+            model.bridge(torch.tensor([t.token_ids], device=model.device))
+        t_sup.append(b - a)
+        t_att.append(c - b)
+        t_fwd.append(time.perf_counter() - c)
+        exact, est = sup.answer_logodds_delta, att.estimate
+        rows.append(dict(
+            n_sentences=len(t.sentences), roles=_roles(model, t),
+            used=None if args.no_used else _used(model, t),
+            suppression=(-exact).tolist(), suppression_kl=sup.answer_kl.tolist(),
+            suppression_logprob=(-sup.answer_delta).tolist(), suppression_chain=sup.chain.tolist(),
+            attribution=(-est).tolist(),
+            spearman=float(spearman(est, exact)) if len(t.sentences) > 2 else None,
+            spearman_abs=float(spearman(est.abs(), exact.abs())) if len(t.sentences) > 2
+            else None))
+    long = [t for t in traces if len(t.sentences) >= args.min_sentences + args.proximity]
+    recv = None
+    if len(long) >= 4:
+        rh = circuits.receiver_heads(model, long, k=args.k, proximity=args.proximity,
+                                     min_sentences=args.min_sentences)
+        hs = circuits.head_scores(model, ["operand_copy"])["operand_copy"]
+        elig = rh.eligible
+        top = set(rh.top_heads)
+        others = [float(hs[li, hi]) for li in range(hs.shape[0]) for hi in range(hs.shape[1])
+                  if elig[li, hi] and (li, hi) not in top]
+        oc_top = sorted(((float(hs[li, hi]), (li, hi)) for li in range(hs.shape[0])
+                         for hi in range(hs.shape[1]) if elig[li, hi]), reverse=True)
+        recv = dict(
+            traces=len(long), used=len(rh.used), top_heads=rh.top_heads,
+            split_half_r=rh.split_half_r, kurtosis=rh.kurtosis.tolist(),
+            operand_copy=hs.tolist(),
+            operand_copy_top=[h for _, h in oc_top[:args.k]],
+            overlap=len(top & {h for _, h in oc_top[:args.k]}),
+            top_mean_operand_copy=statistics.mean(float(hs[h]) for h in rh.top_heads),
+            other_mean_operand_copy=statistics.mean(others) if others else None,
+            spearman_kurtosis_vs_operand_copy=float(spearman(rh.kurtosis[elig], hs[elig])))
+        idx = {id(t): i for i, t in enumerate(traces)}
+        for t, score in zip(long, rh.scores):
+            rows[idx[id(t)]]["receiver"] = score.tolist()
+    measures = ["suppression", "suppression_kl", "suppression_logprob", "suppression_chain",
+                "attribution", "receiver"]
+    aucs: dict[str, dict[str, float | None]] = {}
+    for truth in ("used", "needed"):
+        aucs[truth] = {}
+        for m in measures:
+            ys, ss = [], []
+            for r in rows:
+                if m not in r:
+                    continue
+                lab = r["used"] if truth == "used" else (
+                    None if r["roles"] is None else
+                    [{"needed": True, "irrelevant": False}.get(x) for x in r["roles"]])
+                if lab is None:
+                    continue
+                for y, s in zip(lab, r[m]):
+                    if y is not None:
+                        ys.append(bool(y))
+                        ss.append(s)
+            aucs[truth][m] = _auc(ys, ss)
+    sp = [r["spearman"] for r in rows if r["spearman"] == r["spearman"] and
+          r["spearman"] is not None]
+    sp_abs = [r["spearman_abs"] for r in rows if r["spearman_abs"] is not None and
+              r["spearman_abs"] == r["spearman_abs"]]
+    agree = None
+    pairs = [(u, x) for r in rows if r["used"] and r["roles"]
+             for u, x in zip(r["used"], r["roles"]) if u is not None and x in ("needed",
+                                                                                "irrelevant")]
+    if pairs:
+        agree = sum(u == (x == "needed") for u, x in pairs) / len(pairs)
+    payload = dict(
+        machine=common.machine_info(), args=vars(args), n_traces=len(traces),
+        n_sentences=sum(r["n_sentences"] for r in rows), auroc=aucs,
+        spearman_median=statistics.median(sp) if sp else None,
+        spearman_abs_median=statistics.median(sp_abs) if sp_abs else None,
+        used_vs_roles_agreement=agree, receiver=recv,
+        seconds=dict(suppression=statistics.median(t_sup), attribution=statistics.median(t_att),
+                     forward=statistics.median(t_fwd)),
+        traces=rows)
+    path = common.save(f"anchors-attention-{args.model}", payload, args.out)
+    print(f"{len(traces)} traces, {payload['n_sentences']} sentences -> {path}")
+    for truth, d in aucs.items():
+        print(f"AUROC vs {truth}: " + ", ".join(f"{k} {v}" for k, v in d.items()))
+    print(f"attribution vs suppression Spearman per trace: median {payload['spearman_median']}"
+          f" (magnitudes {payload['spearman_abs_median']}); used-vs-roles agreement {agree}")
+    if recv:
+        print(f"receiver heads {recv['top_heads']} split-half r {recv['split_half_r']:.3f}; "
+              f"operand-copy top {recv['operand_copy_top']} overlap {recv['overlap']}; "
+              f"Spearman kurtosis vs operand copy {recv['spearman_kurtosis_vs_operand_copy']:.3f}")
+    print("seconds per trace (median): " + ", ".join(f"{k} {v:.4f}"
+                                                     for k, v in payload["seconds"].items()))
+
+
+if __name__ == "__main__":
+    main()
