@@ -116,3 +116,19 @@ def test_checkpoint_sources(tmp_path):
         D.checkpoints("no/such-model")
     with unchecked(), pytest.raises(ConfigError, match="give a Measure"):
         D.run_dynamics("organism", lambda m: {})
+
+
+def test_the_command(tmp_path, capsys):
+    from thinklens.cli import main
+
+    out = tmp_path / "dyn"
+    argv = ["dynamics", "--measure", "icl:10,40", "--out", str(out), "--formats", "html",
+            "--no-progress"]
+    assert main(argv) == 0
+    doc = json.loads((out / "dynamics.json").read_text())
+    assert doc["steps"] == [250, 750, 1000, 1500, 2500] and len(doc["rows"]) == 5
+    assert (out / "figures" / "dynamics-icl.html").stat().st_size > 1e5
+    assert "checkpoint=final" in capsys.readouterr().out
+    assert main(argv) == 0                                      # resumed: nothing to add
+    assert len((out / "journal.jsonl").read_text().splitlines()) == 5
+    assert main([*argv[:2], "bogus", *argv[3:]]) == 1

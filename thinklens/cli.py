@@ -17,6 +17,7 @@ from pathlib import Path
 from thinklens.errors import ConfigError, ThinklensError
 from thinklens.hooks.model import load
 from thinklens.jobs import commands
+from thinklens.jobs.dynamics import dynamics_job
 from thinklens.jobs.study import run_study
 from thinklens.report import report as run_report
 from thinklens.zoo.evaluate import as_json, evaluate, table
@@ -175,6 +176,31 @@ def _parser() -> argparse.ArgumentParser:
                         "for none (default: %(default)s)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    dy = sub.add_parser(
+        "dynamics", help="one measurement (head scores, ICL score, a probe) across a model's "
+        "training checkpoints: table + figures",
+        description="Load each checkpoint of --model in turn (the bundled organism's shipped "
+        "checkpoints and final weights, a folder of step-N checkpoints, or a hub model with "
+        "--revisions), run --measure on it, and append the row to OUT/journal.jsonl; then write "
+        "OUT/dynamics.json (the table by checkpoint) and OUT/figures/ (head scores as small "
+        "multiples per checkpoint; chosen heads against the training step beside loss and "
+        "accuracy). One model is in memory at a time; rerunning resumes the journal.")
+    dy.add_argument("--model", default="organism",
+                    help="bundled model, checkpoints folder, or hub name (default: organism)")
+    dy.add_argument("--revisions", default=None,
+                    help="comma-separated hub revisions, e.g. step1000,step2000 (Pythia)")
+    dy.add_argument("--measure", default="heads",
+                    help="heads | heads:KIND,KIND (previous, duplicate, induction, lookup, "
+                         "operand_copy) | icl | icl:EARLY,LATE | probe:LABELS (default: heads)")
+    dy.add_argument("--heads", default=None,
+                    help="heads to follow in the step figure, e.g. 1.0,1.3 (default: the best "
+                         "head at the last checkpoint)")
+    dy.add_argument("--out", default="thinklens-dynamics", help="output folder (default: %(default)s)")
+    dy.add_argument("--formats", default="html,svg",
+                    help="figure files: comma-separated html, svg, pdf, png (default: %(default)s)")
+    dy.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: auto)")
+    dy.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     s = sub.add_parser("sites", help="list a model's site (hook) names",
                        description="Print every site name of a model, one per line; --match "
                        "filters with a glob.")
@@ -265,6 +291,34 @@ def _capture(args) -> int:
     return 0
 
 
+def _dynamics(args) -> int:
+    heads = None
+    if args.heads:
+        try:
+            heads = [tuple(int(x) for x in h.split(".")) for h in args.heads.split(",")]
+        except ValueError:
+            raise ConfigError(f"--heads {args.heads!r}; give LAYER.HEAD pairs, e.g. 1.0,1.3") \
+                from None
+    revisions = [r for r in args.revisions.split(",") if r] if args.revisions else None
+    job = dynamics_job(args.model, args.out, measure=args.measure, revisions=revisions,
+                       heads=heads, device=args.device, progress=not args.no_progress,
+                       formats=[f.strip() for f in args.formats.split(",") if f.strip()])
+    dyn = job.dynamics
+    for key in [k for k in dyn.rows[-1] if k.startswith("heads.")]:
+        v = dyn.values(key)
+        layer, head = divmod(int(v[-1].argmax()), v.shape[-1])
+        series = " ".join(f"{x:.2f}" for x in v[:, layer, head].tolist())
+        _say(f"{key[6:]:<13} best head at {dyn.labels[-1]}: L{layer}H{head}; by checkpoint: "
+             f"{series}")
+    for row in dyn.table() if dyn.measure != "heads" else []:
+        if len(row) > 2:
+            _say("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in row.items()))
+    _say(f"checkpoints: {', '.join(dyn.labels)}; output: {job.out.resolve()}/ "
+         f"({len(job.files)} files)")
+    return 0
+
+
 def _sites(args) -> int:
     for name in commands.site_names(args.model, args.match):
         _say(name)
@@ -318,7 +372,7 @@ def _organism_eval(args) -> int:
 
 
 COMMANDS = {"demo": _demo, "think": _think, "capture": _capture, "sites": _sites, "probe": _probe,
-            "report": _report, "organism train": _organism_train,
+            "report": _report, "dynamics": _dynamics, "organism train": _organism_train,
             "organism ship": _organism_ship, "organism eval": _organism_eval}
 
 

@@ -49,9 +49,11 @@ from tqdm.auto import tqdm
 from thinklens import probes
 from thinklens.circuits import head_scores, icl_score, reference_traces
 from thinklens.errors import ConfigError
-from thinklens.hooks._fileio import append_jsonl, read_jsonl
+from thinklens.figures import export
+from thinklens.hooks._fileio import append_jsonl, atomic_path, atomic_write_json, read_jsonl
 from thinklens.hooks.model import load
 from thinklens.hooks.task import model_folder, registered_models
+from thinklens.plots.dynamics import plot_checkpoint_heads, plot_dynamics
 
 _STEP = re.compile(r"^(?:step|checkpoint|ckpt)[-_]?(\d+)$")
 
@@ -282,5 +284,74 @@ def run_dynamics(source: str | os.PathLike[str] | Sequence[Checkpoint], measure:
                     [done[c.label] for c in ckpts], dict(measure.settings), curve)
 
 
+def parse_measure(spec: str) -> Measure:
+    """``heads`` / ``heads:KIND,KIND`` / ``icl`` / ``icl:EARLY,LATE`` / ``probe:LABELS``."""
+    name, _, arg = spec.partition(":")
+    if name == "heads":
+        return heads_measure([k for k in arg.split(",") if k] or None)
+    if name == "icl":
+        try:
+            early, late = (int(x) for x in arg.split(",")) if arg else (50, 500)
+        except ValueError:
+            raise ConfigError(f"--measure {spec!r}; give icl:EARLY,LATE, e.g. icl:10,50") from None
+        return icl_measure(early, late)
+    if name == "probe" and arg:
+        return probe_measure(arg)
+    raise ConfigError(f"--measure {spec!r}; valid: heads, heads:KIND[,KIND], icl, "
+                      "icl:EARLY,LATE, probe:LABELS (e.g. probe:organism.value)")
+
+
+@dataclass
+class DynamicsJob:
+    """What :func:`dynamics_job` wrote: the result and the files (relative to ``out``)."""
+
+    dynamics: Dynamics
+    out: Path
+    files: list[str]
+
+
+def dynamics_job(source: str = "organism", out: str | os.PathLike[str] = "thinklens-dynamics",
+                 *, measure: str = "heads", revisions: Sequence[str] | None = None,
+                 heads: Sequence[tuple[int, int]] | None = None,
+                 formats: Sequence[str] = ("html", "svg"), device: str | None = None,
+                 progress: bool = True, log: Callable[[str], None] | None = None) -> DynamicsJob:
+    """``thinklens dynamics``: run the measure ``measure`` (see :func:`parse_measure`) over
+    ``source``'s checkpoints into ``out/journal.jsonl`` (resumable), then write
+    ``out/dynamics.json`` (the table) and ``out/figures/`` (per head kind: the small
+    multiples and the score of ``heads`` against the training step)."""
+    m = parse_measure(measure)
+    bad = [f for f in formats if f not in ("html", "svg", "pdf", "png")]
+    if bad:
+        raise ConfigError(f"formats {bad}; valid: html, svg, pdf, png")
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    dyn = run_dynamics(source, m, out=out / "journal.jsonl", revisions=revisions,
+                       device=device, progress=progress, log=log)
+    atomic_write_json(out / "dynamics.json", {
+        "measure": dyn.measure, "settings": dyn.settings, "labels": dyn.labels,
+        "steps": dyn.steps, "rows": dyn.rows, "curve": dyn.curve})
+    figs: dict[str, Any] = {}
+    keys = [k for k in dyn.rows[-1] if k.startswith("heads.")] if m.name == "heads" else \
+        [k for k, v in dyn.rows[-1].items() if isinstance(v, float)]
+    for key in keys:
+        if key.startswith("heads."):
+            figs[f"checkpoint-{key[6:]}"] = plot_checkpoint_heads(dyn, key[6:])
+        if all(s is not None for s in dyn.steps):
+            figs[f"dynamics-{key.replace('heads.', '')}"] = plot_dynamics(
+                dyn, key, list(heads) if heads and key.startswith("heads.") else None)
+    files = ["dynamics.json", "journal.jsonl"]
+    for stem, fig in figs.items():
+        for fmt in formats:
+            path = out / "figures" / f"{stem}.{fmt}"
+            if fmt == "html":
+                with atomic_path(path) as tmp:
+                    fig.write_html(tmp, include_plotlyjs=True, full_html=True)
+            else:
+                export(fig, path)
+            files.append(str(path.relative_to(out)))
+    return DynamicsJob(dyn, out, files)
+
+
 __all__ = ["Checkpoint", "checkpoints", "Measure", "heads_measure", "icl_measure",
-           "probe_measure", "faithfulness_measure", "Dynamics", "run_dynamics"]
+           "probe_measure", "faithfulness_measure", "Dynamics", "run_dynamics",
+           "parse_measure", "DynamicsJob", "dynamics_job"]
