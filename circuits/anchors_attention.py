@@ -74,6 +74,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from thinklens.circuits.anchors import thinking_sentences
 from thinklens.errors import ConfigError, PositionError
 from thinklens.hooks import forward as fwd
 from thinklens.hooks.blockwise import sentence_index
@@ -133,12 +134,7 @@ class SentenceAttribution:
 
 def check_trace(trace: Trace, what: str) -> None:
     """Refuse a trace with no thinking sentences or no answer tokens (before any pass)."""
-    if not isinstance(trace, Trace):
-        raise ConfigError(f"{what} takes one Trace, got {type(trace).__name__}")
-    if not trace.sentences:
-        raise ConfigError(f"{what}: the trace has no thinking sentences (thinking "
-                          f"{trace.thinking_text!r}); give a trace whose thinking holds "
-                          "at least one sentence")
+    thinking_sentences(trace, what)
     if len(trace.answer_span) == 0 or trace.answer_span.start == 0:
         raise ConfigError(f"{what}: the trace has no answer tokens to score (answer span "
                           f"{trace.answer_span}); give a finished trace with an answer")

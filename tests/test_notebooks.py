@@ -1,4 +1,4 @@
-"""The numbered notebooks: saved clean, numbered 01-06, and each runs top to bottom.
+"""The numbered notebooks: saved clean, numbered 01-07, and each runs top to bottom.
 
 Execution follows STYLE.md (principle 10): every ``notebooks/NN_*.ipynb`` is run in a fresh
 kernel, errors are fatal, outputs are not compared. The kernel is started from this
@@ -22,7 +22,7 @@ nbformat = pytest.importorskip("nbformat", reason="needs the notebooks extra: "
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-EXPECTED = ["01", "02", "03", "04", "05", "06"]
+EXPECTED = ["01", "02", "03", "04", "05", "06", "07"]
 CELL_TIMEOUT = 300  # seconds per cell; a whole notebook is meant to take well under 3 min
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -56,13 +56,13 @@ def _ids(paths):
     return [p.name for p in paths]
 
 
-def test_notebooks_are_the_six_numbered_ones():
+def test_notebooks_are_the_numbered_ones():
     names = [p.name for p in NOTEBOOKS]
     prefixes = [n[:2] for n in names]
     assert prefixes == EXPECTED, (
         f"notebooks/ holds {names}; expected one notebook per prefix {EXPECTED} "
         "(01 quickstart, 02 traces and attention, 03 probing, 04 patching, 05 circuits, "
-        "06 batch jobs and export)")
+        "06 batch jobs and export, 07 thought anchors)")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
