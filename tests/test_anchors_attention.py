@@ -117,7 +117,8 @@ def _path_score(model, trace, u: torch.Tensor) -> float:
     return float(sup_mod._answer_score(out[0].float(), ids, "logodds"))
 
 
-def test_attribution_is_the_slope_of_a_path_ending_at_suppression(organism):
+def test_attribution_is_the_slope_of_a_path_ending_at_suppression(model):
+    organism = model  # each architecture: GQA (Qwen2), QK-norm (Qwen3), Llama (organism)
     trace = Trace.from_text(organism, PROMPT, COMPLETION)
     att = circuits.sentence_attribution(organism, trace)
     exact = circuits.suppression(organism, trace, matrix=False)
