@@ -132,3 +132,15 @@ def test_the_command(tmp_path, capsys):
     assert main(argv) == 0                                      # resumed: nothing to add
     assert len((out / "journal.jsonl").read_text().splitlines()) == 5
     assert main([*argv[:2], "bogus", *argv[3:]]) == 1
+
+
+def test_the_report_section(organism_heads, organism, qwen2):
+    from thinklens.report.phase import phase_change
+
+    s = phase_change(organism, dynamics=organism_heads)
+    assert [f.name for f in s.figures] == ["phase-lookup-by-checkpoint", "phase-lookup-by-step"]
+    rows = s.table.rows
+    assert rows[0][0] == "step-000250 → step-000750"
+    assert rows[0][1] == max(r[1] for r in rows) and rows[0][3] == pytest.approx(0.54)
+    assert "L1H0" in s.text and s.note is None
+    assert "ships no training checkpoints" in phase_change(qwen2).note

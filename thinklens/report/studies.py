@@ -37,6 +37,7 @@ import thinklens
 from thinklens.errors import ConfigError
 from thinklens.report import sections as S
 from thinklens.report.page import FORMATS, Report
+from thinklens.report.phase import phase_change
 
 GENERIC_PROMPTS = [
     "What is 17 + 25? Answer with the number only.",
@@ -147,6 +148,7 @@ def _run(model, prompts, n_problems, n_probe, max_new_tokens, bar, step) -> Repo
                     patching.section if patching is not None else S.skipped_patching(model),
                     circuit):
         rep.add(section)
+    rep.add(phase_change(model))  # the model's training checkpoints, where it has them
     return rep
 
 
