@@ -1,6 +1,6 @@
 """Attention suppression of thinking sentences, exact and first-order (Thought Anchors).
 
-**Suppression** (Bogdan et al. 2025, "Thought Anchors", arXiv 2506.19143, section 3.3):
+**Suppression** (Bogdan et al. 2025, "Thought Anchors", arXiv 2506.19143):
 
 1. One baseline pass of the whole trace (prompt, thinking, answer) on the bridge's eager
    attention, with the same hook as below masking nothing.

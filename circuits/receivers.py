@@ -1,6 +1,6 @@
 """Receiver heads: attention heads that point many later sentences at a few earlier ones.
 
-Thought Anchors (Bogdan et al. 2025, arXiv 2506.19143, section 4), as the reference code
+Thought Anchors (Bogdan et al. 2025, arXiv 2506.19143), as the reference code
 (github interp-reasoning/thought-anchors) computes it:
 
 1. **Sentence attention** per trace: ``A[layer, head, i, j]`` = mean token-to-token weight
