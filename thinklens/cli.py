@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -167,6 +168,11 @@ def _parser() -> argparse.ArgumentParser:
         "are skipped with a note. About a minute on 2 CPU cores for the organism.")
     r.add_argument("--model", default="organism", help="model spec (default: organism)")
     r.add_argument("--out", default="thinklens-report", help="output folder (default: %(default)s)")
+    rsrc = r.add_mutually_exclusive_group()
+    rsrc.add_argument("--prompts", help="JSONL file of prompts to think on (one "
+                      "{\"prompt\": ..., \"answer\": ...} per line, answer optional)")
+    rsrc.add_argument("--traces", help="JSONL traces file (`thinklens think` writes one): "
+                      "study these completions as they are, generating nothing")
     r.add_argument("--n-problems", type=int, default=4,
                    help="problems thought about and shown (default: %(default)s)")
     r.add_argument("--max-new-tokens", type=int, default=None,
@@ -333,8 +339,10 @@ def _probe(args) -> int:
 def _report(args) -> int:
     t0 = time.time()
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    given = commands.report_inputs(args.prompts, args.traces)
     path = run_report(args.model, args.out, n_problems=args.n_problems, formats=formats,
-                      max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                      max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                      **given)
     size = path.stat().st_size / 1e6
     figs = f", figures in {path.parent / 'figures'}" if formats else ""
     _say(f"report: {path.resolve()} ({size:.1f} MB{figs}) in {time.time() - t0:.0f} s")
@@ -388,6 +396,25 @@ def main(argv: list[str] | None = None) -> int:
     except ThinklensError as err:
         print(f"thinklens: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # one line, not a traceback: what is saved, how to go on
+        print(f"thinklens: interrupted; {_interrupted(name, args)}", file=sys.stderr)
+        return 130
+
+
+RESUMABLE = {"capture": "out", "think": "out", "demo": "out", "probe": "config",
+             "organism train": "out"}
+
+
+def _interrupted(name: str, args) -> str:
+    """What an interrupted command saved and the command that resumes it (or reruns it)."""
+    again = shlex.join(["thinklens", *sys.argv[1:]]) if sys.argv[1:] else f"thinklens {name}"
+    if name not in RESUMABLE:
+        return f"{name} saves nothing before it finishes; rerun: {again}"
+    try:
+        what = commands.saved(name, getattr(args, RESUMABLE[name]))
+    except (ThinklensError, OSError, ValueError) as err:
+        what = f"could not read what was saved ({err})"
+    return f"{what}; resume with: {again}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,8 @@ the arguments, calls one of these and prints the result.
 - :func:`capture` — a JSONL prompts file (generate, then capture) or a traces file
   (capture only, no generation) into a store, resumable.
 - :func:`site_names` — a model's site (hook) names matching a glob.
+- :func:`report_inputs` — ``thinklens report``'s prompts or traces file, read and checked.
+- :func:`saved` — what an interrupted command left, for the one line the CLI prints.
 
 Files are checked before the model is loaded: a bad line is refused with its number.
 """
@@ -28,12 +30,15 @@ from typing import Any
 
 from thinklens.errors import ConfigError
 from thinklens.hooks._fileio import atomic_write_json
+from thinklens.hooks.dtypes import parse_dtype
 from thinklens.hooks.model import load
 from thinklens.hooks.store import Store
 
-from .journal import read_prompts, run_capture
+from .checks import check_capture_args, check_store
+from .journal import PENDING, read_jsonl, read_prompts, run_capture
 from .traces import ThinkResult, check_think_args, plan_think, read_traces, run_think
 
+_CAPTURE_ARGS = ("positions", "attention", "dtype", "budget", "batch_size", "chunk")
 DEMO_PROMPTS = [
     "c = b + 4 ; a = 7 ; b = a - 2 ; ? c",
     "e = 5 ; d = e + 3 ; g = 1 ; ? d",
@@ -138,19 +143,74 @@ def capture(prompts: str | os.PathLike[str] | None, out: str | os.PathLike[str],
     if (prompts is None) == (traces is None):
         raise ConfigError("give exactly one of prompts= (generate, then capture) or traces= "
                           "(capture traces made before, e.g. by `thinklens think`)")
+    # every argument and the store's settings before the model loads (jobs.checks)
+    check_capture_args(**{k: v for k, v in kw.items() if k in _CAPTURE_ARGS})
+    check_store(out, positions=kw.get("positions", "all"))
     if traces is not None:
         given = read_traces(traces)
         m = load(model, device=device)
         t0 = time.time()
         keys = m.sites(sites) if sites else []
+        check_store(out, positions=kw.get("positions", "all"), keys=keys,
+                    attention=kw.get("attention"), dtype=parse_dtype(kw.get("dtype")) or m.dtype)
         Path(out).mkdir(parents=True, exist_ok=True)
         store = m.capture(given, sites=keys, store=Path(out), progress=progress, **kw)
         return CaptureResult(store, time.time() - t0)
     records = [(pid, p) for pid, p, _ in read_prompts(prompts)]
+    check_think_args(samples=1, temperature=kw.get("temperature", 0.0), top_p=1.0,
+                     max_new_tokens=kw.get("max_new_tokens", 256), seed=kw.get("seed", 0) or 0,
+                     engine="hf", thinking=kw.get("thinking", "auto"))
     m = load(model, device=device)
     t0 = time.time()
     store = run_capture(m, records, Path(out), sites=list(sites), progress=progress, **kw)
     return CaptureResult(store, time.time() - t0)
+
+
+def report_inputs(prompts: str | os.PathLike[str] | None,
+                  traces: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """``thinklens report``'s input: ``{"prompts": [row, ...]}`` (the prompts file's rows,
+    ``answer`` keys kept), ``{"traces": [...]}`` (the traces file's, studied as they are)
+    or ``{}`` (the defaults). Files are read and checked here, before a model loads."""
+    if prompts is not None and traces is not None:
+        raise ConfigError("give a prompts file or a traces file, not both")
+    if prompts is not None:
+        return {"prompts": [row for _, _, row in read_prompts(prompts)]}
+    if traces is not None:
+        return {"traces": read_traces(traces)}
+    return {}
+
+
+def saved(command: str, target: str | os.PathLike[str] | None) -> str:
+    """What an interrupted ``command`` left at ``target`` (its --out, or a probe's config),
+    in a few words, e.g. ``'12 traces stored in acts/ (3 more generated, not yet stored)'``."""
+    if target is None:
+        return "nothing is saved before this command finishes"
+    path = Path(target)
+    if command == "probe":
+        from .config import load_config
+        path = Path(load_config(path)["out"])
+        done = len(list((path / "results").glob("*.json")))
+        return f"{_stored(path / 'store')}, {done} probe result(s) in {path / 'results'}"
+    if command == "think":
+        n = sum(1 for line in path.read_text().splitlines() if line.strip()) \
+            if path.is_file() else 0
+        return f"{n} traces in {path}"
+    if command == "demo":
+        path = path / "store"
+    if command == "organism train":
+        return f"checkpoints in {path}"
+    return _stored(path)
+
+
+def _stored(path: Path) -> str:
+    ids = set(Store.open(path, verify="none").trace_ids) \
+        if (path / "manifest.json").is_file() else set()
+    pending = path / PENDING
+    journaled = {row["meta"]["id"] for row in read_jsonl(pending)} if pending.is_file() \
+        else set()
+    extra = len(journaled - ids)
+    more = f" ({extra} more generated, not yet stored)" if extra else ""
+    return f"{len(ids)} traces stored in {path}{more}"
 
 
 def site_names(model: str = "organism", match: str = "*") -> list[str]:
@@ -158,4 +218,5 @@ def site_names(model: str = "organism", match: str = "*") -> list[str]:
     return [n for n in load(model).site_names if fnmatch.fnmatchcase(n, match)]
 
 
-__all__ = ["DemoResult", "CaptureResult", "demo", "think", "capture", "site_names"]
+__all__ = ["DemoResult", "CaptureResult", "demo", "think", "capture", "site_names",
+           "report_inputs", "saved"]

@@ -10,7 +10,9 @@ finished work:
    were generated but not yet stored, one JSON line each. A kill in the middle of a line
    leaves a torn tail; it is cut off (``hooks._fileio.read_jsonl(repair=True)``) before
    anything is appended, so the next line does not bury it, and that one trace is
-   generated again.
+   generated again. Before any of it, the arguments and an existing store's settings are
+   checked (:mod:`thinklens.jobs.checks`): a rerun with other sites, positions or dtype
+   is refused.
 3. **Each round** takes the next ``chunk`` prompts not yet stored: the ones not in the
    journal are generated (:meth:`Model.think_batch`), appended to the journal and fsynced;
    then the round's traces are captured into the store as one atomic append (the store's
@@ -46,8 +48,11 @@ from tqdm.auto import tqdm
 from thinklens.errors import ConfigError
 from thinklens.hooks._fileio import KILL_AT, append_jsonl, kill_point
 from thinklens.hooks._fileio import read_jsonl as read_journal
+from thinklens.hooks.dtypes import parse_dtype
 from thinklens.hooks.store import Store
 from thinklens.hooks.trace import Trace
+
+from .checks import check_capture_args, check_store
 
 PENDING = "pending-traces.jsonl"  # traces generated but not yet captured (the journal)
 
@@ -132,10 +137,13 @@ def run_capture(model: Any, records: Sequence[tuple[str, str]], out: str | os.Pa
     given, receives one line per round.
     """
     out = Path(out)
-    if chunk < 1:
-        raise ConfigError(f"chunk={chunk}; must be at least 1 (prompts per round)")
-    out.mkdir(parents=True, exist_ok=True)
+    check_capture_args(positions=positions, attention=attention, dtype=dtype, budget=budget,
+                       batch_size=batch_size, chunk=chunk)
     keys = model.sites(sites) if sites else []
+    # before any token is generated: a rerun with other settings is refused
+    check_store(out, positions=positions, keys=keys, attention=attention,
+                dtype=parse_dtype(dtype) or model.dtype)
+    out.mkdir(parents=True, exist_ok=True)
     store = Store.open(out, verify="size") if (out / "manifest.json").exists() else None
     done = set(store.trace_ids) if store is not None else set()
     journal = out / PENDING
