@@ -30,8 +30,10 @@ What thinklens does instead, for a pass that hooks no pattern or score site:
    expansion ``[batch, kv_head, k_pos, d_head]`` (after any KV cache) and the mask SDPA
    gets (None = causal from the bottom-right; else boolean ``True`` = attend, or additive
    float, ``[batch or 1, 1, q_pos, k_pos]``) and the softmax scale. Statistics of the attention pattern are
-   computed there from q and k (:mod:`thinklens.hooks.blockwise`) while the attention
-   output still comes from SDPA. :func:`observable` says whether every layer will call it.
+   computed there from q and k (:mod:`thinklens.hooks.blockwise`). An observer may
+   also compute the attention output itself (``observe(..., output=True)``: it gets v
+   and its result replaces the SDPA call), so that the probabilities of one pass over
+   QKᵀ give both. :func:`observable` says whether every layer will call it.
 5. **Falls back to eager** per component: any feature outside that path (split q/k/v
    inputs, per-head results, gated q, soft-capping, sinks, q/k clipping, partial or
    interleaved rotary, key multipliers, a subclass with its own forward, training mode)
@@ -124,17 +126,19 @@ def observable(model) -> bool:
 
 
 @contextmanager
-def observe(model,
-            fn: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None, float], None] | None,
-            ) -> Iterator[None]:
+def observe(model, fn: Callable[..., torch.Tensor | None] | None, *,
+            output: bool = False) -> Iterator[None]:
     """Call ``fn(layer, q_rot, k_rot, mask, scale)`` in each SDPA attention forward of the block.
 
-    Takes effect in passes run under :func:`use` with ``"sdpa"``; removed in ``finally``.
-    ``fn=None`` observes nothing.
+    With ``output=True`` it is called ``fn(layer, q_rot, k_rot, mask, scale, v)`` (``v``
+    ``[batch, kv_head, k_pos, d_head]``, not expanded) and returns the attention output
+    ``[batch, head, q_pos, d_head]``, which replaces the SDPA call (one pass over QKᵀ
+    gives both the output and the observer's statistics). Takes effect in passes run
+    under :func:`use` with ``"sdpa"``; removed in ``finally``. ``fn=None`` observes nothing.
     """
     bridge = model.bridge
     before = getattr(bridge, "_thinklens_qk", None)
-    object.__setattr__(bridge, "_thinklens_qk", fn)
+    object.__setattr__(bridge, "_thinklens_qk", None if fn is None else (fn, output))
     try:
         yield
     finally:
@@ -244,14 +248,17 @@ def _sdpa_forward(self, *args: Any, layer: int = -1, owner: Any = None, **kwargs
             mask = mask.to(q.dtype)
     observer = getattr(owner, "_thinklens_qk", None)
     scale = getattr(hf_attn, "scaling", head_dim ** -0.5)
+    out = None
     if observer is not None:
-        observer(layer, q, k, mask, scale)
-    groups = getattr(hf_attn, "num_key_value_groups", 1)
-    if groups > 1:  # grouped-query attention: as the bridge does, one K/V copy per head
-        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None and q_len == kv_len and q_len > 1,
-        scale=scale)
+        fn, gives_output = observer
+        out = fn(layer, q, k, mask, scale, v) if gives_output else fn(layer, q, k, mask, scale)
+    if out is None:
+        groups = getattr(hf_attn, "num_key_value_groups", 1)
+        if groups > 1:  # grouped-query attention: as the bridge does, one K/V copy per head
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and q_len == kv_len and q_len > 1,
+            scale=scale)
     out = out.transpose(1, 2).contiguous().reshape(*input_shape, -1)
     o_weight = getattr(getattr(getattr(self, "o", None), "original_component", None), "weight", None)
     if isinstance(o_weight, torch.Tensor) and o_weight.dtype.is_floating_point and \

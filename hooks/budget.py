@@ -1,23 +1,43 @@
 """Memory estimates for a capture, computed before any forward pass runs.
 
-A capture costs (1) the activations it keeps, per trace and site, and (2) the peak of
-one batch's forward pass: the residual stream and MLP activations, the logits, and one
-layer's attention scores and pattern at a time (eager attention materialises
-``batch × heads × T²`` per layer; thinklens never keeps more than one layer's).
+A capture costs (1) what it keeps, per trace and key, and (2) the peak of one batch's
+forward pass. The peak is counted for the attention that really runs
+(:mod:`thinklens.hooks.attention_impl`):
+
+1. **Activations** of every implementation: the residual stream, q/k/v, the MLP's
+   hidden activations and the logits of the batch (a per-token width, checked against
+   measured peaks in tests/test_budget.py).
+2. **Eager** attention materialises one layer's scores and probabilities,
+   ``batch × heads × T²`` each, plus the softmax's temporary; the eager sentence
+   reduction of a bf16/fp16 pattern makes a float32 copy of one trace's pattern.
+3. **SDPA** expands K and V per head (grouped-query ``repeat_kv``): ``2 × batch × heads ×
+   T × d_head``; its kernel works in small tiles.
+4. **Blockwise statistics** (:mod:`thinklens.hooks.blockwise`): one block's float32
+   scores, probabilities and row sums (``heads × rows × T``), the scaled q, the keys'
+   transposed copy and the attention output, and the float32 ``[batch, head, S, S]``
+   sums of one layer unless they accumulate straight into the kept result.
+5. **Kept statistics**: ``layer × head × S²`` (sentence), ``× S`` (vertical scores) and
+   ``× T`` (column sums), in their kept dtype.
+
+A refusal (:func:`check`) lists only alternatives that lower the number it refuses, each
+with its own estimate.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from thinklens.errors import BudgetError, ConfigError
+from thinklens.hooks.blockwise import block_rows
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
+ATTENTION = ("eager", "sdpa", "blockwise")
 
 
 def parse_budget(budget: int | float | str | None, device: torch.device) -> int:
@@ -42,7 +62,8 @@ def _free_memory(device: torch.device) -> int:
         return 8 * 10**9
 
 
-def _fmt(n: float) -> str:
+def fmt(n: float) -> str:
+    """``1.2 GB``-style size."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -64,26 +85,70 @@ class Estimate:
     def streaming(self) -> int:
         return self.kept_per_batch + self.forward_peak
 
+    def need(self, streaming: bool) -> int:
+        return self.streaming() if streaming else self.in_memory()
 
-def forward_peak(cfg, batch: int, length: int, bytes_per: int) -> int:
-    """Peak bytes of one no-grad forward pass of ``batch`` sequences of ``length``."""
+
+def statistics_bytes(cfg, statistics: Sequence[str], sentences: int, tokens: int,
+                     bytes_per: int = 4) -> int:
+    """Kept bytes of one trace's attention statistics (step 5)."""
+    per = {"sentence": sentences ** 2, "vertical": sentences, "columns": tokens}
+    return cfg.n_layers * cfg.n_heads * sum(per[s] for s in statistics) * bytes_per
+
+
+def forward_peak(cfg, batch: int, length: int, bytes_per: int, attention: str = "eager", *,
+                 statistics: Sequence[str] = (), sentences: int = 0,
+                 sums_in_kept: bool = False) -> int:
+    """Peak bytes of one no-grad forward pass of ``batch`` sequences of ``length``.
+
+    ``attention``: "eager" (the default, the most), "sdpa" or "blockwise" (SDPA with
+    :mod:`~thinklens.hooks.blockwise` statistics); ``statistics``, ``sentences`` and
+    ``sums_in_kept`` describe the attention statistics computed in the pass.
+    """
+    if attention not in ATTENTION:
+        raise ConfigError(f"attention={attention!r}; valid: {', '.join(ATTENTION)}")
+    d_head = cfg.d_head
     width = 12 * cfg.d_model + 3 * max(cfg.d_mlp, cfg.d_model) + cfg.d_vocab
-    attention = 3 * batch * cfg.n_heads * length * length * bytes_per
-    return batch * length * width * bytes_per + attention
+    total = batch * length * width * bytes_per
+    heads_t = batch * cfg.n_heads * length
+    if attention == "eager":
+        total += 3 * heads_t * length * bytes_per
+        if statistics and bytes_per < 4:  # sentence_means reduces a float32 copy
+            total += cfg.n_heads * length * length * 4
+        if statistics:  # the row sums [head, S + 1, T] of one trace
+            total += cfg.n_heads * (sentences + 1) * length * 4
+    elif attention == "sdpa":
+        total += 2 * heads_t * d_head * bytes_per
+    else:
+        rows = min(length, block_rows(cfg.n_heads, length))
+        total += 2.2 * cfg.n_heads * rows * length * 4             # one block
+        total += 2 * heads_t * d_head * bytes_per                  # scaled q, output
+        total += 2 * batch * cfg.n_kv_heads * length * d_head * bytes_per  # keys' copy
+        if "sentence" in statistics and not sums_in_kept:
+            total += batch * cfg.n_heads * sentences ** 2 * 4
+        total += batch * cfg.n_heads * (sentences + length) * 4    # vertical, columns
+    return int(total)
 
 
-def check(est: Estimate, budget: int, streaming: bool) -> None:
-    need = est.streaming() if streaming else est.in_memory()
+def check(est: Estimate, budget: int, streaming: bool,
+          alternatives: Sequence[tuple[str, int]] | None = None) -> None:
+    """Refuse (``BudgetError``) a capture whose estimate exceeds ``budget``.
+
+    ``alternatives``: ``(change, bytes it would need)``; only those below the refused
+    number are listed, with their estimate.
+    """
+    need = est.need(streaming)
     if need <= budget:
         return
-    ways = ("smaller batch_size or shorter traces" if streaming else
-            "write to a store (store='acts/', streamed batch by batch); ")
+    ways = sorted((n, text) for text, n in (alternatives or ()) if n < need)
+    listed = "; ".join(f"{text} (about {fmt(n)}{', fits' if n <= budget else ''})"
+                       for n, text in ways)
     raise BudgetError(
-        f"capture needs about {_fmt(need)} (kept activations {_fmt(est.kept if not streaming else est.kept_per_batch)}"
-        f" + forward pass peak {_fmt(est.forward_peak)}) but the memory budget is {_fmt(budget)}. "
-        f"Alternatives: {ways}capture fewer sites or positions (positions='sentence_ends' "
-        "or 'last'); attention='sentence' instead of full patterns; a smaller batch_size; "
-        "or raise the budget with budget='32GB' if the memory is really there.")
+        f"capture needs about {fmt(need)} (kept {fmt(need - est.forward_peak)} + forward "
+        f"pass peak {fmt(est.forward_peak)}) but the memory budget is {fmt(budget)}. "
+        + (f"Alternatives: {listed}; " if listed else "No change of the capture lowers it; ")
+        + "or raise the budget with budget='32GB' if the memory is really there.")
 
 
-__all__ = ["Estimate", "parse_budget", "forward_peak", "check"]
+__all__ = ["ATTENTION", "Estimate", "parse_budget", "fmt", "statistics_bytes",
+           "forward_peak", "check"]

@@ -41,14 +41,20 @@ from thinklens.hooks import attention_impl
 from thinklens.hooks import budget as _budget
 from thinklens.hooks import forward as fwd
 from thinklens.hooks.activations import ActivationReader
-from thinklens.hooks.blockwise import blockwise_sentence_means
+from thinklens.hooks.blockwise import (
+    AXES,
+    STATISTICS,
+    KeptStatistics,
+    attention_statistics,
+    sentence_means,
+)
 from thinklens.hooks.dtypes import parse_dtype
 from thinklens.hooks.positions import positions_of, warn_lacking
 from thinklens.hooks.sites import is_pattern_site
 from thinklens.hooks.store import Store
 from thinklens.hooks.trace import Trace, check_tokenizer
 
-SENTENCE_KEY = "sentence_attention"
+SENTENCE_KEY = STATISTICS["sentence"]
 
 
 class Capture(ActivationReader):
@@ -82,16 +88,21 @@ def trace_id(trace: Trace) -> str:
     return h.hexdigest()[:16]
 
 
-def _parse_attention(attention: Any, cfg) -> tuple[bool, dict[int, list[int]]]:
+def _parse_attention(attention: Any, cfg) -> tuple[tuple[str, ...], dict[int, list[int]]]:
+    """``(statistics, heads)``: names from :data:`~thinklens.hooks.blockwise.STATISTICS`
+    (a string or several in a list) and ``(layer, head)`` pairs, in any mix."""
     if attention is None:
-        return False, {}
-    if attention == "sentence":
-        return True, {}
-    if isinstance(attention, str):
-        raise ConfigError(f"attention={attention!r}; valid: None, 'sentence', or a list of "
-                          "(layer, head) pairs such as [(2, 1), (3, 0)]")
+        return (), {}
+    items = [attention] if isinstance(attention, str) else list(attention)
+    stats = tuple(w for w in STATISTICS if w in items)
     heads: dict[int, list[int]] = defaultdict(list)
-    for pair in attention:
+    for pair in items:
+        if isinstance(pair, str) and pair in STATISTICS:
+            continue
+        if isinstance(pair, str):
+            raise ConfigError(f"attention={pair!r}; valid: None, {', '.join(map(repr, STATISTICS))} "
+                              "(or a list of them), or a list of (layer, head) pairs such as "
+                              "[(2, 1), (3, 0)]")
         if not (isinstance(pair, Sequence) and len(pair) == 2):
             raise ConfigError(f"attention pair {pair!r} is not (layer, head)")
         layer, head = int(pair[0]), int(pair[1])
@@ -100,7 +111,7 @@ def _parse_attention(attention: Any, cfg) -> tuple[bool, dict[int, list[int]]]:
                               f"0..{cfg.n_layers - 1}, heads 0..{cfg.n_heads - 1}")
         if head not in heads[layer]:
             heads[layer].append(head)
-    return False, {k: sorted(v) for k, v in sorted(heads.items())}
+    return stats, {k: sorted(v) for k, v in sorted(heads.items())}
 
 
 def _site_shapes(model, sites: list[str]) -> dict[str, tuple[int, ...]]:
@@ -149,9 +160,18 @@ def _axes(model, site: str, shape: tuple[int, ...]) -> tuple[str, ...]:
     return ("pos", *[names.get(n, f"dim{i}") for i, n in enumerate(shape)])
 
 
-def estimate(model, traces, sites, shapes, pos, sentence, heads, out_dtype, batch_size):
-    """An :class:`~thinklens.hooks.budget.Estimate` for this capture."""
-    nb = torch.finfo(out_dtype).bits // 8
+def estimate(model, traces, sites, shapes, pos, sentence, heads, out_dtype, batch_size,
+             stats_dtype=torch.float32, implementation=None):
+    """An :class:`~thinklens.hooks.budget.Estimate` for this capture.
+
+    ``sentence``: the attention statistics asked for (names of
+    :data:`~thinklens.hooks.blockwise.STATISTICS`; True = ``("sentence",)``), kept in
+    ``stats_dtype``. ``implementation``: "eager", "sdpa" or "blockwise" (default: what
+    :func:`capture` would run).
+    """
+    stats = ("sentence",) if sentence is True else tuple(sentence or ())
+    c = model.config
+    nb, ns = torch.finfo(out_dtype).bits // 8, torch.finfo(stats_dtype).bits // 8
     per_trace = []
     for t, p in zip(traces, pos):
         n = len(t)
@@ -159,44 +179,59 @@ def estimate(model, traces, sites, shapes, pos, sentence, heads, out_dtype, batc
         for s in sites:
             elems = int(torch.tensor(shapes[s]).prod()) if shapes[s] else 1
             b += len(p) * elems * (n if is_pattern_site(s) else 1) * nb
-        if sentence:
-            b += model.config.n_layers * model.config.n_heads * len(t.sentences) ** 2 * 4
+        b += _budget.statistics_bytes(c, stats, len(t.sentences), n, ns)
         b += sum(len(h) for h in heads.values()) * len(p) * n * nb
         per_trace.append(b)
+    if implementation is None:
+        implementation = _implementation(model, sites, stats, heads)
     longest = max((len(t) for t in traces), default=1)
+    batch = min(batch_size, len(traces))
     worst_batch = sum(sorted(per_trace)[-batch_size:])
+    n_sent = max((len(t.sentences) for t in traces), default=0)
+    into = batch == 1 and stats_dtype == torch.float32 and model.device.type == "cpu"
     return _budget.Estimate(kept=sum(per_trace), kept_per_batch=worst_batch,
                             forward_peak=_budget.forward_peak(
-                                model.config, min(batch_size, len(traces)), longest,
-                                torch.finfo(model.dtype).bits // 8))
+                                c, batch, longest, torch.finfo(model.dtype).bits // 8,
+                                attention=implementation, statistics=stats, sentences=n_sent,
+                                sums_in_kept=into))
 
 
-def sentence_means(pattern: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """Per-head sentence×sentence mean attention of one layer.
+def _implementation(model, sites, stats, heads) -> str:
+    """"blockwise" (statistics from q/k in the SDPA pass), "sdpa" or "eager"."""
+    chosen = attention_impl.choose(model, sites) if not heads else "eager"
+    if stats and chosen == "sdpa" and not attention_impl.observable(model):
+        return "eager"
+    return "blockwise" if stats and chosen == "sdpa" else chosen
 
-    ``pattern`` is ``[batch, head, query, key]``; ``bounds`` is ``[batch, sentence, 2]``
-    token spans (``start == end`` pads). Returns ``[batch, head, query_sentence, key_sentence]``
-    float32: ``out[b, h, i, j]`` = mean over query tokens of sentence i and key tokens of
-    sentence j of ``pattern[b, h, q, k]``. Sums are taken with ``index_add_`` (each
-    token adds into its sentence's row; tokens outside every sentence into a discarded
-    one), so no second ``T × T`` buffer is made.
-    """
-    b, n_heads, t_q, t_k = pattern.shape
-    n_sent = bounds.shape[1]
-    dev = pattern.device
-    out = torch.zeros((b, n_heads, n_sent, n_sent), dtype=torch.float32, device=dev)
-    pos = torch.arange(max(t_q, t_k), device=dev)
-    for j in range(b):
-        start, end = bounds[j, :, 0], bounds[j, :, 1]
-        inside = (pos[:, None] >= start[None, :]) & (pos[:, None] < end[None, :])  # [T, S]
-        sent = torch.where(inside.any(1), inside.float().argmax(1), n_sent)      # [T]
-        count = (end - start).clamp(min=1).to(torch.float32)
-        p = pattern[j].to(torch.float32)                                          # [H, T, T]
-        rows = torch.zeros((n_heads, n_sent + 1, t_k), dtype=torch.float32, device=dev)
-        rows.index_add_(1, sent[:t_q], p)
-        both = torch.zeros((n_heads, n_sent + 1, n_sent + 1), dtype=torch.float32, device=dev)
-        both.index_add_(2, sent[:t_k], rows)
-        out[j] = both[:, :n_sent, :n_sent] / count[:, None] / count[None, :]
+
+def _alternatives(model, traces, sites, shapes, pos, stats, heads, out_dtype, batch_size,
+                  stats_dtype, store) -> list[tuple[str, int]]:
+    """``(change, bytes it needs)`` for each change of this capture that saves memory."""
+    def need(streaming=store is not None, **kw):
+        a = dict(sites=sites, shapes=shapes, pos=pos, stats=stats, heads=heads,
+                 batch_size=batch_size, stats_dtype=stats_dtype) | kw
+        return estimate(model, traces, a["sites"], a["shapes"], a["pos"], a["stats"],
+                        a["heads"], out_dtype, a["batch_size"], a["stats_dtype"]).need(streaming)
+    out = []
+    if store is None:
+        out.append(("write to a store (store='acts/', streamed batch by batch)", need(True)))
+    if batch_size > 1 and len(traces) > 1:
+        out.append(("batch_size=1", need(batch_size=1)))
+    if sites:
+        out.append(("positions='last' (or 'sentence_ends')",
+                    need(pos=[p[-1:] for p in pos])))
+    patterns = [s for s in sites if is_pattern_site(s)]
+    if patterns or heads:
+        rest = [s for s in sites if not is_pattern_site(s)]
+        out.append(("attention='sentence' instead of full patterns (SDPA, blockwise)",
+                    need(sites=rest, heads={}, stats=tuple(dict.fromkeys(
+                        [*stats, "sentence"])))))
+    if "sentence" in stats:
+        out.append(("attention='vertical' instead of 'sentence' (no S x S kept)",
+                    need(stats=tuple(w if w != "sentence" else "vertical" for w in stats))))
+    if stats and stats_dtype.itemsize > 2:
+        out.append(("dtype='bfloat16' (statistics and activations kept in bf16)",
+                    need(stats_dtype=torch.bfloat16)))
     return out
 
 
@@ -226,31 +261,35 @@ def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any =
     for t in traces:
         check_tokenizer(t, model.tokenizer)
     site_list = model.sites(sites) if sites not in ((), [], None, "") else []
-    sentence, heads = _parse_attention(attention, model.config)
+    stats, heads = _parse_attention(attention, model.config)
     clash = [f"blocks.{layer}.attn.hook_pattern" for layer in heads
              if f"blocks.{layer}.attn.hook_pattern" in site_list]
     if clash:
         raise ConfigError(f"{clash[0]} is both a site and in attention=; choose one")
-    if not site_list and not sentence and not heads:
+    if not site_list and not stats and not heads:
         raise ConfigError("nothing to capture: give sites= (e.g. 'blocks.*.hook_resid_post') "
                           "and/or attention= ('sentence' or [(layer, head), ...])")
     pos = positions_of(traces, positions)  # warns when traces lack thinking/sentences
-    if sentence:
+    if {"sentence", "vertical"} & set(stats):
         warn_lacking(traces, [k for k, t in enumerate(traces) if not t.sentences],
-                     "thinking sentences (attention='sentence')")
+                     f"thinking sentences (attention={attention!r})")
     out_dtype = parse_dtype(dtype) or model.dtype
+    stats_dtype = parse_dtype(dtype) or torch.float32  # attention statistics: float32 unless asked
     shapes = _site_shapes(model, site_list) if site_list else {}
     axes = {s: _axes(model, s, shapes[s]) for s in site_list}
-    if sentence:
-        axes[SENTENCE_KEY] = ("layer", "head", "query_sentence", "key_sentence")
+    for w in stats:
+        axes[STATISTICS[w]] = AXES[w]
     for layer in heads:
         axes[f"blocks.{layer}.attn.hook_pattern"] = ("head", "query_pos", "key_pos")
     # head ids of every pattern key: all heads for a site, the chosen ones for attention=
     meta_heads = {s: list(range(model.config.n_heads)) for s in site_list
                   if is_pattern_site(s)}
     meta_heads.update({f"blocks.{k}.attn.hook_pattern": v for k, v in heads.items()})
-    est = estimate(model, traces, site_list, shapes, pos, sentence, heads, out_dtype, batch_size)
-    _budget.check(est, _budget.parse_budget(budget, model.device), streaming=store is not None)
+    est = estimate(model, traces, site_list, shapes, pos, stats, heads, out_dtype, batch_size,
+                   stats_dtype)
+    _budget.check(est, _budget.parse_budget(budget, model.device), streaming=store is not None,
+                  alternatives=_alternatives(model, traces, site_list, shapes, pos, stats, heads,
+                                             out_dtype, batch_size, stats_dtype, store))
 
     st = None
     todo = list(range(len(traces)))
@@ -258,9 +297,8 @@ def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any =
         st = _open_store(model, store, list(axes), out_dtype, meta_heads)
         todo = [i for i in todo if trace_id(traces[i]) not in st]
     seqs = [traces[i].token_ids for i in todo]
-    # sentence attention from q/k inside the SDPA pass, unless the pass is eager anyway
-    blockwise = (sentence and not heads and attention_impl.observable(model)
-                 and attention_impl.choose(model, site_list) == "sdpa")
+    # attention statistics from q/k inside the SDPA pass, unless the pass is eager anyway
+    blockwise = _implementation(model, site_list, stats, heads) == "blockwise"
     # batch traces of similar length (less padding); a store keeps input order
     plan = fwd.plan(model, [len(x) for x in seqs], batch_size=batch_size, sort=st is None)
     data: dict[str, list] = {k: [None] * len(traces) for k in axes}
@@ -269,9 +307,9 @@ def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any =
         batch = [todo[r] for r in rows]
         got: dict[str, list] = {}
         hooks, observer = _batch_hooks(model, [traces[i] for i in batch],
-                                       [pos[i] for i in batch], site_list, sentence, heads,
-                                       out_dtype, got, blockwise)
-        with attention_impl.observe(model, observer):
+                                       [pos[i] for i in batch], site_list, stats, heads,
+                                       out_dtype, got, blockwise, stats_dtype)
+        with attention_impl.observe(model, observer, output=True):
             fwd.forward(model, fwd.pad(model, seqs, rows), hooks, stop_early=True)
         if st is not None:
             records = []
@@ -304,12 +342,14 @@ def _open_store(model, store, keys, out_dtype, heads):
                               "heads": heads})
 
 
-def _batch_hooks(model, traces, pos, sites, sentence, heads, out_dtype, got, blockwise=False):
+def _batch_hooks(model, traces, pos, sites, stats, heads, out_dtype, got, blockwise=False,
+                 stats_dtype=torch.float32):
     """Hooks of one padded batch and an attention observer (None unless ``blockwise``).
 
     They fill ``got`` with ``{key: [per-trace tensor on CPU]}``. With ``blockwise`` the
-    sentence means come from each layer's rotated q/k in the SDPA pass
-    (:func:`~thinklens.hooks.blockwise.blockwise_sentence_means`, via
+    attention statistics (``stats``) come from each layer's rotated q/k in the SDPA pass,
+    which also computes the attention output from the same probabilities
+    (:func:`~thinklens.hooks.blockwise.attention_statistics`, via
     :func:`~thinklens.hooks.attention_impl.observe`); else from the eager patterns.
     """
     dev = model.device
@@ -328,37 +368,35 @@ def _batch_hooks(model, traces, pos, sites, sentence, heads, out_dtype, got, blo
             return x
         return fn
 
-    n_sent = max((len(t.sentences) for t in traces), default=0)
-    bounds = torch.zeros((len(traces), max(n_sent, 1), 2), dtype=torch.long)
-    for j, t in enumerate(traces):
-        for k, s in enumerate(t.sentences):
-            bounds[j, k] = torch.tensor([s.start, s.end])
-    bounds = bounds.to(dev)
-    sent_layers: dict[int, torch.Tensor] = {}
     n_layers = model.config.n_layers
+    kept = KeptStatistics(stats, n_layers, model.config.n_heads,
+                          [[(s.start, s.end) for s in t.sentences] for t in traces], lengths,
+                          stats_dtype, dev) if stats else None
 
-    def keep_sentence(layer, means):
-        sent_layers[layer] = means.cpu()
-        if len(sent_layers) == n_layers:
-            stacked = torch.stack([sent_layers[k] for k in range(n_layers)], 1)
-            got[SENTENCE_KEY] = [stacked[j, :, :, : len(t.sentences), : len(t.sentences)].clone()
-                                 for j, t in enumerate(traces)]
-
-    def observer(layer, q, k, mask, scale):
-        keep_sentence(layer, blockwise_sentence_means(q.detach(), k.detach(), bounds, mask,
-                                                      scale=scale))
+    def observer(layer, q, k, mask, scale, v):
+        out = attention_statistics(
+            q.detach(), k.detach(), kept.bounds, mask, v=v.detach(), scale=scale,
+            lengths=kept.lengths, sentence="sentence" in stats, vertical="vertical" in stats,
+            columns="columns" in stats, sentence_into=kept.into(layer))
+        kept.add(layer, out)
+        return out.output
 
     def last_attention(x, hook):  # every layer's observer has run: the pass may stop here
-        if SENTENCE_KEY not in got:
-            raise RuntimeError(f"sentence attention missing for layers "
-                               f"{sorted(set(range(n_layers)) - set(sent_layers))}: their "
-                               "attention did not run the SDPA path")
+        if kept.missing():
+            raise RuntimeError(f"attention statistics missing for layers {kept.missing()}: "
+                               "their attention did not run the SDPA path")
+        got.update(kept.results())
         return x
 
     def pattern_hook(layer):
         def fn(x, hook):
-            if sentence:
-                keep_sentence(layer, sentence_means(x.detach(), bounds))
+            if kept is not None:
+                x0 = x.detach()
+                means = (sentence_means(x0, kept.bounds)
+                         if {"sentence", "vertical"} & set(stats) else None)
+                kept.add_pattern(layer, x0, means)
+                if layer == n_layers - 1:
+                    got.update(kept.results())
             if layer in heads:
                 key = f"blocks.{layer}.attn.hook_pattern"
                 got[key] = [x[j, heads[layer]][:, rows[j], : lengths[j]].detach()
@@ -370,7 +408,7 @@ def _batch_hooks(model, traces, pos, sites, sentence, heads, out_dtype, got, blo
     if blockwise:
         hooks.append((f"blocks.{n_layers - 1}.hook_attn_out", last_attention))
         return hooks, observer
-    pattern_layers = range(n_layers) if sentence else heads.keys()
+    pattern_layers = range(n_layers) if stats else heads.keys()
     hooks += [(f"blocks.{layer}.attn.hook_pattern", pattern_hook(layer))
               for layer in pattern_layers]
     return hooks, None

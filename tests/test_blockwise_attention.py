@@ -18,7 +18,14 @@ import torch
 
 import thinklens
 from thinklens import Trace
-from thinklens.hooks.blockwise import block_rows, blockwise_sentence_means, sentence_index
+from thinklens.hooks.blockwise import (
+    BLOCK_BYTES,
+    MIN_ROWS,
+    attention_statistics,
+    block_rows,
+    blockwise_sentence_means,
+    sentence_index,
+)
 from thinklens.hooks.capture import sentence_means
 
 capture_mod = importlib.import_module("thinklens.hooks.capture")
@@ -95,8 +102,8 @@ def test_tiny_blocks_exercise_the_block_loop(model, monkeypatch):
 
     def tiny(*a, **k):
         seen.append(a[0].shape[2])
-        return blockwise_sentence_means(*a, **k, rows_per_block=3)
-    monkeypatch.setattr(capture_mod, "blockwise_sentence_means", tiny)
+        return attention_statistics(*a, **k, rows_per_block=3)
+    monkeypatch.setattr(capture_mod, "attention_statistics", tiny)
     _check(model, traces, atol=1e-5, batch_size=2)
     assert seen and all(t > 3 for t in seen)
 
@@ -138,5 +145,5 @@ def test_function_equals_full_softmax_gqa_padding(rows):
 
 
 def test_block_rows_fit_the_block_bytes():
-    assert block_rows(12, 4096) == 64 * 2**20 // (12 * 4096 * 4)
-    assert block_rows(12, 10**9) == 1
+    assert block_rows(12, 1024) == BLOCK_BYTES // (12 * 1024 * 4)
+    assert block_rows(12, 10**9) == MIN_ROWS
