@@ -62,7 +62,7 @@ def test_page_is_self_contained_with_plotly_inline_once(rep, written):
     path, page = written
     n = len(rep.figures())
     n_att = len(_section(rep, "Attention").figures)  # a figure per layer of the two heads + 1
-    assert path.name == PAGE and n_att in (2, 3) and n == 3 + n_att + 2 + 2 + 3
+    assert path.name == PAGE and n_att in (2, 3) and n == 3 + n_att + 2 + 2 + 3 + 2  # + phase change 2
     assert page.count(get_plotlyjs()) == 1                     # the whole library, once
     assert page.count("plotly.js v") == 1
     tags = re.findall(r"<script\b[^>]*>", page)
