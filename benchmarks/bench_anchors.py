@@ -1,0 +1,143 @@
+"""(h) Sentence importance: forced answers against one forward pass; resampling at n = 50.
+
+1. **Forced answers** (``circuits.forced_answer``) on a long trace of SmolLM2-135M (its
+   de-quantized folder, ``.cache/smollm2-hf``, else the GGUF file): ``T`` tokens of
+   reasoning-like sentences closed by ``</think>``. Methods, timed in interleaved rounds
+   (``common.interleaved``): ``forward (plain)``, one forward pass of the trace through
+   the plain module tree (the baseline: SDPA, the bridge's weights, last logits only);
+   ``forward (bridge)``, the same through the TransformerLens bridge; ``forced_answer``
+   (every cut point from one cached prefix pass with tree-masked answer blocks) and
+   ``forced_answer separate`` (one bridge forward per cut point, batched). Target:
+   ``forced_answer`` <= 2x ``forward (plain)``.
+2. **Resampling** (``circuits.resampling``) of one organism trace (``organism-backtrack``
+   when it is registered, else ``organism``) at ``n`` = 50 rollouts per cut point, on the
+   ``hf`` and the ``vllm`` engine (when vLLM is installed): wall time of the whole call,
+   tokens generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+
+import torch
+from common import (
+    CACHE,
+    SMOLLM2_GGUF,
+    exact_trace,
+    interleaved,
+    machine_info,
+    save,
+    setup_threads,
+    summary,
+    table,
+)
+
+import thinklens
+from thinklens.circuits import forced_answer, resampling
+from thinklens.hooks.generate import engine_for
+from thinklens.hooks.task import registered_models
+
+BODY = ("Let me compute 12 + 7 first. That gives 19. Wait, I should check it again. "
+        "So 19 is right, and 19 - 4 = 15. ")
+ORGANISM_PROMPT = "h = f - 1 ; f = k + 6 ; k = 2 ; j = 9 ; ? h"
+
+
+def _forced(args) -> dict:
+    src = CACHE / "smollm2-hf"
+    model = thinklens.load(str(src if src.exists() else SMOLLM2_GGUF))
+    trace = exact_trace(model.tokenizer, rendered_prompt=model.render_prompt("What is 12 + 7?"),
+                        body=BODY, length=args.tokens, model_name=model.name,
+                        answer="\n</think>\n\n15")
+    plain = engine_for(model, "hf").plain
+    ids = torch.tensor([trace.token_ids])
+
+    def fwd_plain():
+        with torch.inference_mode():
+            plain(input_ids=ids, logits_to_keep=1)
+
+    def fwd_bridge():
+        with torch.inference_mode():
+            model.bridge(ids)
+
+    fns = {"forward (plain)": fwd_plain, "forward (bridge)": fwd_bridge,
+           "forced_answer": lambda: forced_answer(model, trace)}
+    fa = forced_answer(model, trace)
+    times, _ = interleaved(fns, repeats=args.rounds, warmup=1)
+    res = summary(times, "forward (plain)")
+    rows = [[k, f"{statistics.median(times['wall'][k]):.3f}", f"{res[k]['wall']['ratio']:.2f}",
+             f"{res[k]['cpu']['ratio']:.2f}"] for k in fns]
+    # one bridge forward per cut point (batched): slow, so timed once, not interleaved
+    t0, c0 = time.perf_counter(), time.process_time()
+    sep = forced_answer(model, trace, shared_prefix=False)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    base_w = statistics.median(times["wall"]["forward (plain)"])
+    base_c = statistics.median(times["cpu"]["forward (plain)"])
+    res["forced_answer separate"] = {"wall": {"median_s": wall, "ratio": wall / base_w},
+                                     "cpu": {"median_s": cpu, "ratio": cpu / base_c}}
+    rows.append(["forced_answer separate (once)", f"{wall:.3f}", f"{wall / base_w:.2f}",
+                 f"{cpu / base_c:.2f}"])
+    print(f"forced answers: {len(trace)} tokens, {len(trace.sentences)} sentences, "
+          f"prefix {fa.prefix!r}, mode {fa.mode}")
+    print(table(rows, ["method", "wall s", "wall / forward", "cpu / forward"]))
+    return {"tokens": len(trace), "sentences": len(trace.sentences), "mode": fa.mode,
+            "max_abs_diff_vs_separate": float((fa.probs - sep.probs).abs().max()),
+            "results": res}
+
+
+def _resampling(args) -> dict:
+    name = "organism-backtrack" if "organism-backtrack" in registered_models() else "organism"
+    model = thinklens.load(name)
+    prompt = model.task.example_prompts[-1] if name != "organism" else ORGANISM_PROMPT
+    trace = model.think(prompt, max_new_tokens=args.max_new_tokens)
+    engines = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
+    out = {"model": name, "prompt": prompt, "sentences": len(trace.sentences), "n": args.n}
+    rows = []
+    for eng in engines:
+        kw = dict(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens,
+                  comparator="exact", engine=eng, progress=False)
+        resampling(model, trace, **{**kw, "n": 1})  # warm-up: starts the engine
+        walls, gen = [], 0
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            ri = resampling(model, trace, **kw)
+            walls.append(time.perf_counter() - t0)
+            gen = ri.rollouts.generated
+        out[eng] = {"wall_s": walls, "median_s": statistics.median(walls), "generated": gen,
+                    "resampling": ri.resampling.tolist(),
+                    "counterfactual": ri.counterfactual.tolist()}
+        rows.append([eng, len(trace.sentences) + 1, args.n, gen,
+                     f"{statistics.median(walls):.2f}",
+                     f"{gen / statistics.median(walls):.0f}"])
+    print(f"resampling: {name}, {prompt!r}")
+    print(table(rows, ["engine", "cut points", "n", "tokens", "wall s", "tok/s"]))
+    model.close()
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=1024, help="length of the forced-answer trace")
+    p.add_argument("--n", type=int, default=50, help="rollouts per cut point")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip", choices=["forced", "resampling"], default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    setup_threads(args.threads)
+    payload = {"machine": machine_info(), "args": vars(args)}
+    if args.skip != "forced":
+        payload["forced_answer"] = _forced(args)
+    if args.skip != "resampling":
+        payload["resampling"] = _resampling(args)
+    payload["machine_after"] = machine_info()
+    path = save("anchors-cpu", payload, args.out)
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
