@@ -93,6 +93,12 @@ class Task:
         """Per-token ground truth of ``trace`` (``None`` where unknown)."""
         raise ConfigError(f"the task {self.name!r} has no per-token ground truth")
 
+    def sentence_truth(self, trace: Any) -> list:
+        """Ground truth per thinking sentence of ``trace`` (its role, whether the answer
+        depends on it; e.g. :func:`thinklens.zoo.backtrack.sentence_truth`)."""
+        raise ConfigError(f"the task {self.name!r} has no per-sentence ground truth; the "
+                          "organism 'organism-backtrack' has one")
+
     def completion(self, prompt: str) -> str:
         """The correct completion of ``prompt`` (thinking, ``</think>``, answer), for
         teacher-forced traces: ``Trace.from_text(model, prompt, task.completion(prompt))``

@@ -121,6 +121,7 @@ class BacktrackProblem:
     values: dict[str, int]
     thinking: list[str]             # the written thinking's tokens ([] for direct)
     direct: bool = False
+    implied: int | None = None      # the answer the thinking implies (None: analyse it)
 
     @property
     def depth(self) -> int:
@@ -135,7 +136,8 @@ class BacktrackProblem:
         """The answer the written thinking implies (the true one for direct problems)."""
         if self.direct:
             return self.true_answer
-        implied = analyse(self.statements, self.query, self.thinking)[2]
+        implied = self.implied if self.implied is not None else analyse(
+            self.statements, self.query, self.thinking, per_token=False)[2]
         return self.true_answer if implied is None else implied
 
     def prompt_tokens(self) -> list[str]:
@@ -152,6 +154,11 @@ class BacktrackProblem:
 
     def sentences(self) -> list[SentenceTruth]:
         return analyse(self.statements, self.query, self.thinking)[0]
+
+    def step_values(self) -> list[tuple[str, int]]:
+        """(variable, value) of every value the plain thinking writes, in order."""
+        root = self.chain[0]
+        return [(root, self.values[root])] + [(v, self.values[v]) for v in self.chain[1:]]
 
 
 def chain_of(statements: list[Statement], var: str) -> list[str]:
@@ -224,13 +231,23 @@ def generate(rng: random.Random, cfg: BacktrackConfig, *, depth: int | None = No
     statements = [head] + rest
     by_var = {s.var: s for s in statements}
     thinking: list[str] = []
+    written: dict[str, int] = {}
     if not direct:
-        written: dict[str, int] = {}
         if rng.random() < cfg.p_detour:
             _write_chain(rng, cfg, by_var, chain_of(statements, head.var), written, thinking)
         _write_chain(rng, cfg, by_var, chain, written, thinking)
     return BacktrackProblem(statements, chain[-1], chain, values_of(statements), thinking,
-                            direct=direct)
+                            direct=direct, implied=written.get(chain[-1]))
+
+
+def plain_thinking(statements: list[Statement], query: str) -> list[str]:
+    """The thinking with no detour and no mistake: what greedy decoding should write (the
+    first organism's thinking)."""
+    plain = BacktrackConfig(p_detour=0.0, p_mistake=0.0)
+    out: list[str] = []
+    _write_chain(random.Random(0), plain, {s.var: s for s in statements},
+                 chain_of(statements, query), {}, out)
+    return out
 
 
 def _split(tokens: list[str]) -> list[tuple[int, int]]:
@@ -245,14 +262,20 @@ def _split(tokens: list[str]) -> list[tuple[int, int]]:
     return spans
 
 
-def analyse(statements: list[Statement], query: str, tokens: list[str]
-            ) -> tuple[list[SentenceTruth], list[StepToken], int | None]:
+def analyse(statements: list[Statement], query: str, tokens: list[str], *,
+            per_token: bool = True, spans: list[tuple[int, int]] | None = None
+            ) -> tuple[list[SentenceTruth], list[StepToken | None], int | None]:
     """Ground truth of a written thinking: per sentence, per token, and the implied answer.
 
-    1. Each sentence is read as a lookup (a prompt statement copied), a compute step
+    1. Each sentence is read as a lookup (a prompt statement copied; a root constant
+       copied wrong is a mistake), a compute step
        ``v = x op k = r`` of a prompt statement ``v = s op k`` (``wait`` in front for a
        correction), or ``other``. ``x`` should be the latest value written for ``s``.
-    2. The implied answer is the latest value written for the query. A sentence's
+    2. The implied answer is the latest value written for the query (``per_token=False``:
+       no per-token truth, an empty list instead).
+
+    ``spans``: the sentences' token spans (default: each ends with '.'); tokens outside
+    every span get no truth (None). A sentence's
        written value is *read* by the next compute step of a variable defined from it
        (if no later sentence rewrote it first) or by the answer; ``depends`` follows the
        reads back from the answer (not through a mistake, whose wrong value is not
@@ -262,22 +285,23 @@ def analyse(statements: list[Statement], query: str, tokens: list[str]
     index = {s.var: i for i, s in enumerate(statements)}
     main = set(chain_of(statements, query))
     values = values_of(statements)
-    spans = _split(tokens)
+    spans = _split(tokens) if spans is None else spans
     parsed: list[dict] = []
     last_write: dict[str, int] = {}     # var -> sentence index of its latest written value
     value_pos: dict[str, int] = {}      # var -> token position of that value
     reads: dict[int, int] = {}          # sentence -> the sentence whose value it read
-    per_token: list[StepToken] = []
+    token_truth: list[StepToken | None] = [None] * len(tokens) if per_token else []
     for si, (a, b) in enumerate(spans):
         words = [t for t in tokens[a:b] if t != "."]
         wait = bool(words) and words[0] == WAIT
         body = words[1:] if wait else words
         info = {"kind": "other", "var": "", "written": None, "correct": None, "vt": -1}
         s = by_var.get(body[0]) if body else None
-        if s is not None and not wait and body == s.tokens():
+        if s is not None and not wait and s.src is None and len(body) == 3 and \
+                body[1] == "=" and body[2].isdigit():  # the root: its constant (maybe miscopied)
+            info.update(kind="lookup", var=s.var, written=int(body[2]), correct=s.const, vt=2)
+        elif s is not None and not wait and body == s.tokens():
             info.update(kind="lookup", var=s.var)
-            if s.src is None:
-                info.update(written=s.const, correct=s.const, vt=2)
         elif (s is not None and s.src is not None and len(body) == 7 and body[1] == "="
               and body[3] == s.op and body[4] == str(s.const) and body[5] == "="
               and body[2].isdigit() and body[6].isdigit()):
@@ -294,9 +318,9 @@ def analyse(statements: list[Statement], query: str, tokens: list[str]
             else (["var", "eq", "const"] if s.src is None else
                   ["var", "eq", "src", "op", "const"]) if info["kind"] == "lookup"
             else ["other"] * len(body))
-        for k in range(a, b):
+        for k in range(a, b) if per_token else ():
             if tokens[k] == "." and k == b - 1:
-                per_token.append(StepToken("", "", -1, -1, -1, "end", si, "", -1))
+                token_truth[k] = StepToken("", "", -1, -1, -1, "end", si, "", -1)
                 continue
             role = roles[k - a] if k - a < len(roles) else "other"
             var = info["var"]
@@ -305,9 +329,9 @@ def analyse(statements: list[Statement], query: str, tokens: list[str]
                 values[var] if var else -1)
             chain = ("main" if var in main else "detour") if var else ""
             wrote = info["written"] if info["written"] is not None else -1
-            per_token.append(StepToken(phase, var, value, index.get(var, -1),
+            token_truth[k] = StepToken(phase, var, value, index.get(var, -1),
                                        src_pos if info["kind"] == "compute" else -1, role,
-                                       si, chain, wrote))
+                                       si, chain, wrote)
         if info["written"] is not None:
             last_write[info["var"]] = si
             value_pos[info["var"]] = a + info["vt"]
@@ -327,7 +351,7 @@ def analyse(statements: list[Statement], query: str, tokens: list[str]
     for si, ((a, b), p) in enumerate(zip(spans, parsed)):
         var, kind = p["var"], p["kind"]
         chain = ("main" if var in main else "detour") if var else ""
-        wrong = kind == "compute" and p["written"] != p["correct"]
+        wrong = p["written"] != p["correct"]
         if kind == "other" or (p["wait"] and kind != "compute"):
             role = "other"
         elif wrong:
@@ -342,8 +366,8 @@ def analyse(statements: list[Statement], query: str, tokens: list[str]
             kind == "lookup" and chain == "main")
         out.append(SentenceTruth(si, " ".join(tokens[a:b]), kind, role, chain, var,
                                  p["written"], p["correct"], depends, corrected, a, b, p["vt"]))
-    return out, per_token, implied
+    return out, token_truth, implied
 
 
 __all__ = ["BacktrackConfig", "BacktrackProblem", "SentenceTruth", "StepToken", "WAIT",
-           "analyse", "chain_of", "generate", "values_of"]
+           "analyse", "chain_of", "generate", "plain_thinking", "values_of"]

@@ -7,6 +7,10 @@
    position by position; a missing or misplaced step counts as wrong.
 3. Direct: the prompt is followed by ``</think>`` at once (empty thinking) and the
    answer is the greedy next token.
+
+Both organisms: for ``organism-backtrack`` the held-out problems come from its own
+generator (:mod:`thinklens.zoo.backtrack_task`, the model task's ``heldout_config``);
+greedy thinking should be the plain chain (no detour, no mistake).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from thinklens.zoo import backtrack_task
+from thinklens.zoo.backtrack_task import BacktrackConfig, BacktrackProblem
 from thinklens.zoo.task import Problem, TaskConfig, generate
 
 
@@ -31,9 +37,13 @@ class DepthResult:
     truncated: int
 
 
-def heldout_problems(depth: int, n: int, cfg: TaskConfig | None = None,
-                     seed: int = 12345) -> list[Problem]:
+def heldout_problems(depth: int, n: int, cfg: TaskConfig | BacktrackConfig | None = None,
+                     seed: int = 12345) -> list[Problem | BacktrackProblem]:
+    """Held-out problems; a :class:`BacktrackConfig` gives the second organism's (with no
+    thinking: their ``answer`` is the true one)."""
     rng = random.Random(f"heldout-{seed}-{depth}")  # str seeds: disjoint from training's ints
+    if isinstance(cfg, BacktrackConfig):
+        return [backtrack_task.generate(rng, cfg, depth=depth, direct=True) for _ in range(n)]
     return [generate(rng, cfg or TaskConfig(), depth=depth) for _ in range(n)]
 
 
@@ -55,7 +65,7 @@ def written_values(thinking: str) -> list[tuple[str, int | None]]:
     return out
 
 
-def _direct_answers(model, problems: list[Problem]) -> list[str]:
+def _direct_answers(model, problems: list) -> list[str]:
     texts = [model.render_prompt(p.prompt) + " </think>" for p in problems]
     ids = [model.encode(t) for t in texts]
     groups: dict[int, list[int]] = defaultdict(list)
@@ -74,8 +84,11 @@ def _direct_answers(model, problems: list[Problem]) -> list[str]:
 
 
 def evaluate(model, *, depths=(1, 2, 3, 4), n: int = 1000, seed: int = 12345,
-             cfg: TaskConfig | None = None, progress: bool = True) -> list[DepthResult]:
-    """Accuracy by depth on ``n`` held-out problems each (see the module docstring)."""
+             cfg: TaskConfig | BacktrackConfig | None = None,
+             progress: bool = True) -> list[DepthResult]:
+    """Accuracy by depth on ``n`` held-out problems each (see the module docstring);
+    ``cfg`` defaults to the model's task's (the second organism's generator for it)."""
+    cfg = cfg if cfg is not None else getattr(model.task, "heldout_config", None)
     results = []
     for depth in depths:
         problems = heldout_problems(depth, n, cfg, seed)

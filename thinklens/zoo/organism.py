@@ -19,23 +19,24 @@ from thinklens.zoo.task import problem_from_prompt
 HERE = Path(__file__).parent / "organism"
 
 
-def checkpoints() -> list[int]:
-    """Training steps of the shipped checkpoints, ascending."""
-    folder = HERE / "checkpoints"
+def checkpoints(home: Path = HERE) -> list[int]:
+    """Training steps of the shipped checkpoints, ascending (``home``: another organism's
+    folder, e.g. :data:`thinklens.zoo.backtrack.HERE`)."""
+    folder = home / "checkpoints"
     if not folder.exists():
         return []
     return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if p.is_dir())
 
 
-def organism_folder(checkpoint: int | None = None) -> Path:
+def organism_folder(checkpoint: int | None = None, home: Path = HERE) -> Path:
     """Folder of the final organism, or of the shipped checkpoint at ``checkpoint`` steps.
 
     ``checkpoint`` may also be a small index: -1 is the last, 0 the first.
     """
     if checkpoint is None:
-        folder = HERE / "final"
+        folder = home / "final"
     else:
-        steps = checkpoints()
+        steps = checkpoints(home)
         if checkpoint in steps:
             step = checkpoint
         elif -len(steps) <= checkpoint < len(steps):
@@ -43,7 +44,7 @@ def organism_folder(checkpoint: int | None = None) -> Path:
         else:
             raise ConfigError(f"organism checkpoint {checkpoint!r} not shipped; valid steps: "
                               f"{steps} (or an index 0..{len(steps) - 1})")
-        folder = HERE / "checkpoints" / f"step-{step:06d}"
+        folder = home / "checkpoints" / f"step-{step:06d}"
     if not (folder / "model.safetensors").exists():
         raise ModelLoadError(
             f"the organism's weights are missing at {folder}; reinstall thinklens, or train "
@@ -51,9 +52,9 @@ def organism_folder(checkpoint: int | None = None) -> Path:
     return folder
 
 
-def training_curve() -> list[dict]:
+def training_curve(home: Path = HERE) -> list[dict]:
     """Rows of ``curve.json``: step, loss, held-out accuracy by depth (think / direct)."""
-    path = HERE / "curve.json"
+    path = home / "curve.json"
     return json.loads(path.read_text()) if path.exists() else []
 
 

@@ -78,6 +78,8 @@ def _variable(truth: list, i: int, trace: Any):
 class OrganismTask(Task):
     """The variable-binding task of the bundled organism (see :mod:`thinklens.zoo.task`)."""
 
+    heldout_config: Any = None  # the generator config of held-out problems (None: default)
+
     def __init__(self) -> None:
         super().__init__(
             name="organism", segmenter=organism_segmenter, annotator=organism_annotator,
@@ -121,13 +123,26 @@ class OrganismTask(Task):
     def attention_targets(self, trace: Any) -> dict[str, list[tuple[int, list[int]]]]:
         """``lookup``: each resolve step's ``=`` to the tokens of the prompt statement it
         copies; ``operand_copy``: each compute step's first ``=`` to the earlier thinking
-        position holding its operand's value (positions where the ground truth is known)."""
-        truth, spans, start = token_truth(trace), [], trace.prompt_span.start + 1  # after <bos>
+        position holding its operand's value (positions where the ground truth is known).
+        A trace that backtracks (``wait`` steps, the second organism) adds the backtracking
+        lookups: ``correction_copy``, the operand copy of each ``wait`` step (the step
+        redone), and ``corrected_copy``, that of each step whose operand was corrected (it
+        must read the correction, not the mistake)."""
+        truth, spans, start = self.token_truth(trace), [], trace.prompt_span.start + 1  # <bos>
         for k in trace.prompt_span.range:
             if trace.tokens[k] == ";":
                 spans.append(list(range(start, k)))
                 start = k + 1
         out: dict[str, list[tuple[int, list[int]]]] = {"lookup": [], "operand_copy": []}
+        waits = any(t is not None and t.role == "wait" for t in truth)
+        if waits:
+            out |= {"correction_copy": [], "corrected_copy": []}
+
+        def opener(pos: int) -> str:  # role of the first token of pos's step
+            while pos > 0 and truth[pos - 1] is not None and truth[pos - 1].role != "end":
+                pos -= 1
+            return truth[pos].role
+
         for k, t in enumerate(truth):
             if t is None or t.role != "eq":
                 continue
@@ -135,6 +150,10 @@ class OrganismTask(Task):
                 out["lookup"].append((k, spans[t.statement]))
             elif t.phase == "compute" and truth[k - 1] is not None and truth[k - 1].role == "var":
                 out["operand_copy"].append((k, [t.source_pos]))
+                if waits and opener(k) == "wait":
+                    out["correction_copy"].append((k, [t.source_pos]))
+                elif waits and opener(t.source_pos) == "wait":
+                    out["corrected_copy"].append((k, [t.source_pos]))
         return out
 
     def problems(self, n: int, *, depths: Sequence[int] = (1, 2, 3, 4),
@@ -143,12 +162,13 @@ class OrganismTask(Task):
         depths = list(depths)
         if n < 1 or not depths:
             raise ConfigError(f"problems(n={n}, depths={depths}): give n >= 1 and a depth")
-        per = {d: heldout_problems(d, -(-n // len(depths)), seed=seed) for d in depths}
+        per = {d: heldout_problems(d, -(-n // len(depths)), self.heldout_config, seed=seed)
+               for d in depths}
         out = []
         for k in range(n):
             d = depths[k % len(depths)]
             prob = per[d][k // len(depths)]
-            out.append({"id": f"organism-{seed}-{d}-{k // len(depths)}", "prompt": prob.prompt,
+            out.append({"id": f"{self.name}-{seed}-{d}-{k // len(depths)}", "prompt": prob.prompt,
                         "answer": prob.answer, "depth": d})
         return out
 
