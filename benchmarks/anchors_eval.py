@@ -70,27 +70,27 @@ MEASURES = {"forced": abs, "forced_kl": None, "resampling": abs, "resampling_kl"
 
 
 def _edits(model, trace, truths, max_new_tokens):
-    """Step 1: per sentence, the edit, its greedy regeneration and the unedited baseline."""
+    """Step 1: per sentence, the edit, its greedy regeneration and the unedited baseline
+    (the greedy regeneration right after the sentence, all sentences in one call)."""
+    valued = [st for st in truths if st.value_token >= 0 and st.written is not None]
+    if not valued:
+        return [None] * len(truths)
+    ro = model.rollouts(trace, at={"tokens": [trace.sentences[st.index].end for st in valued]},
+                        n=1, temperature=0.0, max_new_tokens=max_new_tokens, progress=False)
+    base = {st.index: cut.answers[0] for st, cut in zip(valued, ro.cuts)}
     out = []
     for st in truths:
-        if st.value_token < 0 or st.written is None:
+        if st.index not in base:
             out.append(None)
             continue
         e = edit_step(trace, st.index, (st.written + 1) % 10)
         edited = added_mistake(model, trace, st.index, edit=e.text, expected=e.expected,
                                max_new_tokens=max_new_tokens)
-        base = _baseline(model, trace, st.index, max_new_tokens)
         ans = edited.regenerated.answers[0]
-        out.append({"text": e.text, "expected": e.expected, "answer": ans, "baseline": base,
-                    "changed": ans != base, "follows": ans == e.expected})
+        out.append({"text": e.text, "expected": e.expected, "answer": ans,
+                    "baseline": base[st.index], "changed": ans != base[st.index],
+                    "follows": ans == e.expected})
     return out
-
-
-def _baseline(model, trace, i, max_new_tokens):
-    """The greedy answer regenerated right after sentence ``i``, nothing edited."""
-    ro = model.rollouts(trace, at={"tokens": [trace.sentences[i].end]}, n=1, temperature=0.0,
-                        max_new_tokens=max_new_tokens, progress=False)
-    return ro[0].answers[0]
 
 
 def _one(model, row, args) -> dict:

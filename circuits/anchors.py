@@ -145,7 +145,7 @@ def _tail(model: Any, prefix_ids: list[int], prefix: str, text: str) -> list[int
 def forced_answer(model: Any, trace: Trace, *, reference: str | None = None,
                   candidates: Sequence[str] | None = None, prefix: str | None = None,
                   suffix: str | None = None, answer: Callable[[Trace], str | None] | None = None,
-                  shared_prefix: bool = True, block_tokens: int = 2048) -> ForcedAnswer:
+                  shared_prefix: bool = True, block_tokens: int = 512) -> ForcedAnswer:
     """Forced answers after every thinking sentence of ``trace`` (module docstring).
 
     Example::
