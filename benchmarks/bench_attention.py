@@ -4,18 +4,28 @@
    chosen shape with the organism's tokenizer, and one trace per length in ``--tokens``
    (symbol text like ``a = 7 ; b = a + 2 .``, cut into sentences at ``.`` by the
    organism's segmenter: one sentence per ~10 tokens).
-2. Three methods, each a no-grad pass over the same tokens:
-   ``forward``   the bridge's forward pass, no hooks (the floor both others stand on);
-   ``sentence``  ``model.capture(trace, attention="sentence")``: every head's pattern
-                 reduced to sentence x sentence means while the pass runs;
+2. Methods, each a no-grad pass over the same tokens:
+   ``sdpa``      Hugging Face's own forward with SDPA attention (``model.hf``), no hooks:
+                 the floor every ratio is taken against;
+   ``forward``   the bridge's (eager) forward pass, no hooks;
+   ``residual``  ``model.capture(trace, sites="blocks.*.hook_resid_post")`` (SDPA);
+   ``sentence``  ``model.capture(trace, attention="sentence")``: every head's sentence x
+                 sentence means, blockwise from q/k in the attention pass;
+   ``vertical``  ``model.capture(trace, attention=["vertical", "columns"])``: vertical
+                 scores and token column sums, no S x S kept;
    ``tl_cache``  ``bridge.run_with_cache(ids, names_filter=...hook_pattern)``: every
                  layer's full ``[head, T, T]`` pattern kept.
+   Eager methods (``forward``, ``tl_cache``) run only up to ``--eager-max`` tokens: one
+   layer's eager scores and probabilities are ``2 x heads x T^2`` (2 x 12.9 GB at 16k).
 3. Peak memory: on CPU, each (method, length) runs in a fresh subprocess that loads the
    model, warms up on a short trace, trims the C heap, resets the kernel's peak-RSS
    counter and reads it after one pass (``common.reset_peak``); on CUDA, in this process
    with ``torch.cuda.max_memory_allocated``. "added" is the peak minus the memory in use
    just before the pass (model weights).
-4. Time: all methods in this process, interleaved rounds, per length.
+4. Time: all methods in this process, interleaved rounds, per length (each warmed up on
+   a 64-token trace first); with ``--time-tokens none`` the single pass of each memory
+   child is the time (one round, not interleaved: for 32k, where a round takes tens of
+   minutes).
 5. Check: at the shortest length, thinklens's sentence means equal the means computed
    from TransformerLens's cached patterns.
 """
@@ -26,6 +36,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -53,7 +64,8 @@ PRESETS = {  # shapes; R1-Distill-Qwen-1.5B's from its config.json
     "r1-1.5b": {"layers": 28, "d_model": 1536, "heads": 12, "kv_heads": 2, "d_mlp": 8960,
                 "vocab": 151936, "tokens": "2048,4096,8192"},
 }
-METHODS = ("forward", "sentence", "tl_cache")
+METHODS = ("sdpa", "forward", "residual", "sentence", "vertical", "tl_cache")
+EAGER = ("forward", "tl_cache")
 PROMPT = "a = 7 ; ? b"
 BODY = "a = 7 ; b = a + 2 . c = b - 4 ; d = c + 1 . "
 
@@ -73,7 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per length")
     p.add_argument("--time-tokens", default=None,
                    help="lengths to time (default: all of --tokens; 'none' skips timing)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset; the first is the base of the ratios")
+    p.add_argument("--eager-max", type=int, default=8192,
+                   help="longest trace the eager methods (forward, tl_cache) run on")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     p.add_argument("--build-only", action="store_true",
                    help="build the random model folder, print its path and stop")
@@ -136,9 +151,24 @@ def make_trace(model, tokens: int):
 def runner(model, trace, method: str):
     ids = torch.tensor([trace.token_ids], device=model.device)
 
+    def sdpa():  # Hugging Face's forward with its SDPA attention (config restored after)
+        before = model.hf.config._attn_implementation
+        model.hf.config._attn_implementation = "sdpa"
+        try:
+            with torch.no_grad():
+                return model.hf(ids).logits
+        finally:
+            model.hf.config._attn_implementation = before
+
     def forward():
         with torch.no_grad():
             return model.bridge(ids)
+
+    def residual():
+        return model.capture(trace, sites="blocks.*.hook_resid_post", progress=False)
+
+    def vertical():
+        return model.capture(trace, attention=["vertical", "columns"], progress=False)
 
     def sentence():
         return model.capture(trace, attention="sentence", progress=False)
@@ -147,7 +177,8 @@ def runner(model, trace, method: str):
         with torch.no_grad():
             return model.bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
 
-    return {"forward": forward, "sentence": sentence, "tl_cache": tl_cache}[method]
+    return {"sdpa": sdpa, "forward": forward, "residual": residual, "sentence": sentence,
+            "vertical": vertical, "tl_cache": tl_cache}[method]
 
 
 def _trim_heap() -> None:
@@ -172,8 +203,8 @@ def measure(model, trace, method: str, device: str) -> dict:
     seconds = time.perf_counter() - t0
     top = peak(device)
     kept = 0
-    if method == "sentence":
-        kept = out["sentence_attention"].values.nbytes
+    if method in ("sentence", "vertical", "residual"):
+        kept = sum(out[k].values.nbytes for k in out.keys)
     elif method == "tl_cache":
         kept = sum(v.nbytes for v in out[1].values())
     del out
@@ -211,9 +242,13 @@ def memory(args, model) -> dict[str, dict[str, dict]]:
     isolated = args.device == "cpu" and not args.in_process
     for tokens in args.tokens:
         for method in args.methods:
+            if method in EAGER and tokens > args.eager_max:
+                out.setdefault(str(tokens), {})[method] = {"skipped": "T > --eager-max"}
+                continue
             print(f"  memory: {method} at T={tokens} ...", flush=True)
             if isolated:
                 argv = [__file__, "--child", f"{method}:{tokens}", "--device", args.device,
+                        "--eager-max", str(args.eager_max),
                         "--dtype", args.dtype, "--threads", str(args.threads),
                         "--tokens", ",".join(map(str, args.tokens)),
                         *[x for k in ("layers", "d_model", "heads", "kv_heads", "d_mlp", "vocab")
@@ -251,10 +286,20 @@ def main(argv=None) -> None:
         print(f"  timing at T={tokens} ...", flush=True)
         trace = make_trace(model, tokens)
         ok = [m for m in args.methods if "peak_bytes" in mem.get(str(tokens), {}).get(m, {})
-              or str(tokens) not in mem]  # leave out what ran out of memory
+              or (str(tokens) not in mem and not (m in EAGER and tokens > args.eager_max))]
+        for m in ok:  # warm-up on a short trace (a warm-up round at 16k costs minutes)
+            runner(model, make_trace(model, 64), m)()
         fns = {m: runner(model, trace, m) for m in ok}
-        times, _ = interleaved(fns, repeats=args.repeats, warmup=1, device=args.device)
+        times, _ = interleaved(fns, repeats=args.repeats, warmup=0, device=args.device)
         timing[str(tokens)] = summary(times, ok[0])
+    for tokens in args.tokens:  # untimed lengths: the memory children's single passes
+        got = mem.get(str(tokens), {})
+        base = got.get(args.methods[0], {}).get("seconds")
+        if str(tokens) not in timing and base:
+            timing[str(tokens)] = {m: {"wall": {"median_s": g["seconds"], "runs_s": [g["seconds"]],
+                                                "ratio": g["seconds"] / base},
+                                       "from": "memory child (one pass, not interleaved)"}
+                                   for m, g in got.items() if "seconds" in g}
     diff = None
     if {"sentence", "tl_cache"} <= set(args.methods):
         diff = check_agreement(model, make_trace(model, min(args.tokens)))
@@ -265,7 +310,7 @@ def main(argv=None) -> None:
             t = timing.get(str(tokens), {}).get(method, {}).get("wall", {})
             rows.append([tokens, method, m.get("sentences", ""),
                          "OOM" if m.get("oom") else mb(m["peak_bytes"]) if "peak_bytes" in m
-                         else "failed",
+                         else "skipped" if "skipped" in m else "failed",
                          mb(m["added_bytes"]) if "added_bytes" in m else "",
                          mb(m["kept_bytes"]) if "kept_bytes" in m else "",
                          f"{t['median_s']:.2f}" if t else "",
@@ -280,6 +325,7 @@ def main(argv=None) -> None:
         "shape": {k: getattr(args, k) for k in ("layers", "d_model", "heads", "kv_heads",
                                                  "d_mlp", "vocab", "dtype")},
         "memory_isolated": args.device == "cpu" and not args.in_process,
+        "load_average": os.getloadavg(),
         "memory": mem, "timing": timing, "max_abs_diff_sentence_vs_tl": diff,
         "theory_bytes": {str(t): theory(cfg, t, mem[str(t)].get("sentence", {}).get(
             "sentences", 0)) for t in args.tokens}}, args.out)

@@ -21,10 +21,12 @@ from thinklens import Trace
 from thinklens.hooks.blockwise import (
     BLOCK_BYTES,
     MIN_ROWS,
+    STATISTICS,
     attention_statistics,
     block_rows,
     blockwise_sentence_means,
     sentence_index,
+    vertical_scores,
 )
 from thinklens.hooks.capture import sentence_means
 
@@ -41,8 +43,11 @@ PROMPTS = [  # ragged sentences; prompt and answer tokens lie outside every sent
 ]
 
 
-def _reference(model, trace) -> torch.Tensor:
-    """[layer, head, S, S] from the eager bridge's full patterns, by the definition."""
+def _reference(model, trace, what="sentence") -> torch.Tensor:
+    """From the eager bridge's full patterns, by the definitions: ``sentence`` [layer,
+    head, S, S] (mean over the two sentences' tokens), ``vertical`` [layer, head, S] (mean
+    of column j over rows i >= j + 4, NaN where there is none), ``columns`` [layer, head,
+    T] (each key token's sum over every query row)."""
     pats: dict[int, torch.Tensor] = {}
     def keep(layer):
         def fn(x, hook):
@@ -53,29 +58,41 @@ def _reference(model, trace) -> torch.Tensor:
              for layer in range(model.config.n_layers)]
     with torch.no_grad(), model.hooks(hooks):
         model.bridge(torch.tensor([trace.token_ids], device=model.device))
+    if what == "columns":
+        return torch.stack([pats[layer].sum(1) for layer in range(model.config.n_layers)])
     s = trace.sentences
     out = torch.zeros(model.config.n_layers, model.config.n_heads, len(s), len(s))
     for layer, p in pats.items():
         for a, sa in enumerate(s):
             for b, sb in enumerate(s):
                 out[layer, :, a, b] = p[:, sa.start:sa.end, sb.start:sb.end].mean((1, 2))
-    return out
+    if what == "sentence":
+        return out
+    vert = torch.full(out.shape[:3], float("nan"))
+    for j in range(len(s)):
+        later = list(range(j + 4, len(s)))
+        if later:
+            vert[:, :, j] = out[:, :, later, j].mean(-1)
+    return vert
 
 
-def _check(model, traces, atol, **capture_kw):
+def _check(model, traces, atol, attention="sentence", rtol=0.0, sdpa=True, **capture_kw):
     calls = []
     orig = impl_mod._sdpa_forward
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(impl_mod, "_sdpa_forward", lambda *a, **k: calls.append(1) or orig(*a, **k))
-        cap = model.capture(traces, attention="sentence", **capture_kw)
-    assert calls, "the sentence capture did not run SDPA"
-    red = cap["sentence_attention"]
+        cap = model.capture(traces, attention=attention, **capture_kw)
+    assert bool(calls) == sdpa, "the capture did not run the expected attention"
+    asked = [attention] if isinstance(attention, str) else attention
     worst = 0.0
-    for i, t in enumerate(traces):
-        got, ref = red.unpadded(i).float(), _reference(model, t)
-        assert got.shape == ref.shape
-        torch.testing.assert_close(got, ref, atol=atol, rtol=0)
-        worst = max(worst, float((got - ref).abs().max()) if got.numel() else 0.0)
+    for what in (w for w in asked if isinstance(w, str)):
+        red = cap[STATISTICS[what]]
+        for i, t in enumerate(traces):
+            got, ref = red.unpadded(i).float(), _reference(model, t, what)
+            assert got.shape == ref.shape
+            torch.testing.assert_close(got, ref, atol=atol, rtol=rtol, equal_nan=True)
+            diff = (got - ref).abs().nan_to_num(0.0)
+            worst = max(worst, float(diff.max()) if got.numel() else 0.0)
     return worst
 
 
@@ -93,6 +110,38 @@ def test_capture_equals_full_pattern_means_fp32(model):
     """One padded batch of four traces of different lengths, default block size."""
     traces = [Trace.from_text(model, p, c) for p, c in PROMPTS]
     _check(model, traces, atol=1e-5, batch_size=4)
+
+
+def test_vertical_scores_and_column_sums_equal_their_definitions(model):
+    """attention=["vertical", "columns"] (no S x S kept) on one padded batch of four
+    ragged traces, against the full-pattern definitions; column sums add up to T
+    probabilities: 1e-5 absolute + 1e-5 relative."""
+    traces = [Trace.from_text(model, p, c) for p, c in PROMPTS]
+    _check(model, traces, atol=1e-5, rtol=1e-5, attention=["vertical", "columns"],
+           batch_size=4)
+    cap = model.capture(traces[:1], attention="vertical")
+    assert cap.keys == ["vertical_scores"]                       # the S x S is not kept
+    assert cap["vertical_scores"].values.shape[1:3] == (model.config.n_layers,
+                                                        model.config.n_heads)
+
+
+def test_eager_route_gives_the_same_statistics(qwen2):
+    """A chosen head forces eager attention: the statistics then come from the patterns."""
+    traces = [Trace.from_text(qwen2, p, c) for p, c in PROMPTS]
+    _check(qwen2, traces, atol=1e-5, rtol=1e-5, sdpa=False, batch_size=4,
+           attention=["sentence", "vertical", "columns", (1, 0)])
+
+
+def test_kept_dtype_follows_dtype(qwen2):
+    """dtype='bfloat16' keeps the statistics in bf16: the float32 result rounded."""
+    traces = [Trace.from_text(qwen2, p, c) for p, c in PROMPTS[:2]]
+    full = qwen2.capture(traces, attention=["sentence", "vertical"])
+    half = qwen2.capture(traces, attention=["sentence", "vertical"], dtype="bfloat16")
+    for key in ("sentence_attention", "vertical_scores"):
+        assert full[key].values.dtype == torch.float32
+        assert half[key].values.dtype == torch.bfloat16
+        torch.testing.assert_close(half[key].values, full[key].values.to(torch.bfloat16),
+                                   atol=0, rtol=0, equal_nan=True)
 
 
 def test_tiny_blocks_exercise_the_block_loop(model, monkeypatch):
@@ -113,6 +162,9 @@ def test_bf16_within_documented_tolerance(qwen2_dir):
     traces = [Trace.from_text(bf16, p, c) for p, c in PROMPTS]
     worst = _check(bf16, traces, atol=1e-3, batch_size=4)
     assert worst > 0  # bf16 really differs from the float32 softmax (the test can fail)
+    # column sums add up to T bf16-rounded probabilities: 1e-3 relative
+    _check(bf16, traces, atol=1e-3, rtol=1e-3, attention=["vertical", "columns"],
+           batch_size=4)
 
 
 def _explicit(q, k, mask, scale):
@@ -142,6 +194,37 @@ def test_function_equals_full_softmax_gqa_padding(rows):
     unpadded = blockwise_sentence_means(q[:1], k[:1], bounds[:1], None, scale=0.3,
                                         rows_per_block=rows)  # None: causal
     torch.testing.assert_close(unpadded, ref[:1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 4, None])
+@pytest.mark.parametrize("causal", [True, False])
+def test_output_and_statistics_equal_the_full_softmax(rows, causal):
+    """attention_statistics with v: the output is softmax·v, vertical scores and column
+    sums (real query rows only) are those of the explicit pattern; a non-causal mask
+    (rows see later keys) switches a block to every key."""
+    torch.manual_seed(1)
+    b, h, kv, t, d = 2, 6, 2, 11, 8
+    q, k, v = torch.randn(b, h, t, d), torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
+    lengths = torch.tensor([11, 7])
+    valid = torch.arange(t)[None, :] < lengths[:, None]
+    shape = torch.ones(t, t, dtype=torch.bool)
+    mask = (shape.tril() if causal else shape)[None, None] & valid[:, None, None, :]
+    bounds = torch.tensor([[[0, 2], [2, 3], [4, 6], [6, 8], [8, 9], [9, 11]],
+                           [[1, 3], [3, 4], [4, 5], [5, 6], [6, 7], [0, 0]]])
+    got = attention_statistics(q, k, bounds, mask, v=v, scale=0.3, lengths=lengths,
+                               vertical=True, columns=True, rows_per_block=rows, proximity=2)
+    p = _explicit(q, k, mask, 0.3)
+    ref_out = p @ v.repeat_interleave(h // kv, dim=1)
+    for j, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(got.output[j, :, :n], ref_out[j, :, :n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.columns[j, :, :n], p[j, :, :n, :n].sum(1), atol=1e-5,
+                                   rtol=0)
+    means = sentence_means(p, bounds)
+    torch.testing.assert_close(got.sentence, means, atol=1e-6, rtol=0)
+    for j, s in enumerate([6, 5]):
+        torch.testing.assert_close(got.vertical[j, :, :s],
+                                   vertical_scores(means[j, :, :s, :s], 2), atol=1e-6,
+                                   rtol=0, equal_nan=True)
 
 
 def test_block_rows_fit_the_block_bytes():
