@@ -13,13 +13,13 @@ Example::
     curve = faithfulness_curve(model, pair, full)             # against the number of edges
 """
 
+from thinklens.circuits.anchors import ForcedAnswer, forced_answer
 from thinklens.circuits.anchors_attention import (
     SentenceAttribution,
     SuppressionResult,
     sentence_attribution,
     suppression,
 )
-from thinklens.circuits.anchors import ForcedAnswer, forced_answer
 from thinklens.circuits.anchors_resampling import (
     Resampling,
     embedding_comparator,
@@ -41,12 +41,12 @@ from thinklens.circuits.faithfulness import (
 from thinklens.circuits.graph import Graph
 from thinklens.circuits.heads import HeadScores, ICLScore, head_scores, icl_score, reference_traces
 from thinklens.circuits.metrics import Metric, answer_prob, kl_to, logit_diff, normalized
-from thinklens.circuits.pairs import Pair, make_pair
+from thinklens.circuits.pairs import Pair, counterfactual_pair, make_pair
 from thinklens.circuits.patching import SITE_KINDS, PatchResult, patch
 from thinklens.circuits.paths import path_patch
 from thinklens.circuits.receivers import ReceiverHeads, fisher_kurtosis, receiver_heads
 
-__all__ = ["patch", "path_patch", "PatchResult", "make_pair", "Pair", "logit_diff", "answer_prob", "kl_to", "normalized",
+__all__ = ["patch", "path_patch", "PatchResult", "make_pair", "counterfactual_pair", "Pair", "logit_diff", "answer_prob", "kl_to", "normalized",
            "Metric", "SITE_KINDS", "atp", "eap", "AttributionResult", "Circuit", "Graph",
            "FaithfulnessCurve", "faithfulness_curve",
            "head_scores", "HeadScores", "icl_score", "ICLScore", "reference_traces",

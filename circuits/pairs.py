@@ -15,11 +15,30 @@ of Wang et al. 2022 swaps two names of one token each). :func:`make_pair`:
 Pair builders that know one model's task (the organism's ``change_constant``,
 ``swap_names``, …) live with that task in :mod:`thinklens.zoo` and are reached through
 ``model.task.pairs``; they end in :func:`make_pair` too.
+
+:func:`counterfactual_pair` builds a pair from any model's own trace, with no ground truth
+(the generic pair of ``thinklens report``):
+
+1. Candidates: every number of the user's prompt changed by +1, -1, +2, … and every name
+   of :data:`NAMES` in it swapped for another; a candidate is kept only when the rendered
+   prompt then tokenizes to as many tokens, differing only inside the changed characters.
+2. The corrupted input is the corrupted prompt followed by the clean trace's own
+   completion, token for token (the thinking is held fixed, as in ``thinking="clean"``
+   pairs), so every position corresponds.
+3. The answer position is the token before the model's own final answer
+   (:func:`thinklens.hooks.answers.default_extractor`, located in the completion). One
+   batched pass reads the clean and every corrupted run's next-token prediction at each
+   completion position. The first candidate whose prediction at the answer position
+   differs from the clean answer token is taken; when no change reaches the answer (the
+   thinking already wrote it), the first completion position whose prediction the change
+   flips is used instead. Both inputs are cut after that position; ``Pair.why`` says
+   which change, which position and why.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,7 +46,15 @@ from jaxtyping import Int
 from torch import Tensor
 
 from thinklens.errors import ConfigError
+from thinklens.hooks import forward as fwd
+from thinklens.hooks.answers import default_extractor, generic_answer
 from thinklens.hooks.trace import Trace, check_tokenizer
+
+#: Names :func:`counterfactual_pair` swaps (short, common, mostly one token in BPE vocabularies).
+NAMES = ("Tom", "Sam", "Ben", "Max", "Leo", "Jack", "Paul", "Ryan", "Omar", "Tim", "Anna",
+         "Mia", "Lily", "Sara", "Kate", "Emma", "Amy", "Zoe", "Ella", "Nina", "Grace", "Mary",
+         "John")
+_NUMBER = re.compile(r"(?<![\d.])\d+(?![\d.])")
 
 
 @dataclass(frozen=True)
@@ -51,6 +78,7 @@ class Pair:
     wrong: int | None = None
     clean_trace: Trace | None = None
     corrupt_trace: Trace | None = None
+    why: str = ""   # how the pair was built (counterfactual_pair says which change and why)
 
     def __len__(self) -> int:
         return len(self.clean_tokens)
@@ -129,4 +157,149 @@ def make_pair(model: Any, clean: str | Trace | Any, corrupt: str | Trace | Any, 
                 c_trace, x_trace)
 
 
-__all__ = ["Pair", "input_tokens", "make_pair"]
+def _changes(prompt: str) -> list[tuple[str, str]]:
+    """``(old, new)`` of the same length: numbers +1, -1, +2, …, then names (step 1)."""
+    out = []
+    for old in dict.fromkeys(m.group() for m in _NUMBER.finditer(prompt)):
+        n = int(old)
+        out += [(old, str(n + d)) for d in (1, -1, 2, -2, 3, 4)
+                if n + d >= 0 and len(str(n + d)) == len(old)]
+    for old in (x for x in NAMES if re.search(rf"\b{x}\b", prompt)):
+        out += [(old, x) for x in NAMES if len(x) == len(old) and x != old
+                and not re.search(rf"\b{x}\b", prompt)][:2]
+    return out
+
+
+def _spans(text: str, old: str, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Character spans of ``old`` as a whole number or word inside ``text[lo:hi]``."""
+    pat = _NUMBER if old.isdigit() else re.compile(r"\b\w+\b")
+    return [(lo + m.start(), lo + m.end()) for m in pat.finditer(text[lo:hi]) if m.group() == old]
+
+
+def _corrupted(model: Any, trace: Trace, old: str, new: str, reach: int,
+               completion_ok: bool) -> tuple[list[int], set[int]] | None:
+    """Ids with ``old`` replaced by ``new`` in the prompt (and, when the completion
+    re-tokenizes to its own ids, in the completion's first ``reach`` characters), and the
+    changed token positions; None when the tokens would not align."""
+    n = trace.prompt_span.end
+    end_prompt = trace.offsets[n - 1][1]
+    base = trace.text.rfind(trace.prompt, 0, end_prompt)
+    spans = _spans(trace.text, old, base, base + len(trace.prompt))
+    if completion_ok:
+        spans += _spans(trace.text, old, end_prompt, reach)
+    text = list(trace.text)
+    for a, b in spans:
+        text[a:b] = list(new)          # same length: every offset stays where it was
+    text = "".join(text)
+    ids = model.encode(text[:end_prompt])
+    if completion_ok:
+        ids += model.encode(text[end_prompt:])
+    else:
+        ids += list(trace.token_ids[n:])
+    if len(ids) != len(trace) or ids == list(trace.token_ids):
+        return None
+    changed = {k for k, (x, y) in enumerate(zip(ids, trace.token_ids)) if x != y}
+    inside = [any(trace.offsets[k][0] < b and a < trace.offsets[k][1] for a, b in spans)
+              for k in sorted(changed)]
+    return (ids, changed) if all(inside) else None
+
+
+def own_answer_token(trace: Trace, extract: Any = None) -> int | None:
+    """Index of the completion token where the trace's own final answer starts (``extract``:
+    a final-answer extractor, default :func:`~thinklens.hooks.answers.generic_answer`), or None.
+
+    Example::
+
+        k = own_answer_token(trace)      # trace.tokens[k] == '7' for '... 3 + 4 = 7 apples.'
+    """
+    found = (extract or generic_answer)(trace)
+    n = trace.prompt_span.end
+    if not found or n >= len(trace):
+        return None
+    start = trace.offsets[n][0]
+    at = trace.text.rfind(found, start)
+    return next((k for k in range(n, len(trace)) if trace.offsets[k][1] > at), None) \
+        if at >= 0 else None
+
+
+def counterfactual_pair(model: Any, trace: Trace, *, extract: Any = None,
+                        answer_only: bool = False, max_candidates: int = 8,
+                        batch_size: int | None = 4) -> Pair:
+    """A clean/corrupted pair from one of the model's own traces, with no ground truth.
+
+    Example::
+
+        pair = counterfactual_pair(model, model.think("Tom has 3 apples and buys 4 more. ..."))
+        pair.why      # "changed '3' to '4' (prompt and thinking); at the final answer
+                      #  (position 61) the model's prediction changes from '7' to '8'"
+        patch(model, pair, "resid_pre")
+
+    See the module docstring for the steps. ``extract``: the final-answer extractor
+    (default: the model's task's, else the last ``\\boxed{}`` or number).
+    ``answer_only``: accept only a change that moves the prediction of the final answer.
+    Raises ConfigError when no change of a number or name moves any prediction (or, with
+    ``answer_only``, the final answer's).
+    """
+    if not isinstance(trace, Trace):
+        raise ConfigError(f"counterfactual_pair needs a Trace (model.think(prompt)), got "
+                          f"{type(trace).__name__}")
+    check_tokenizer(trace, model.tokenizer)
+    n = trace.prompt_span.end
+    if n == 0 or n >= len(trace) or trace.prompt not in trace.text[: trace.offsets[n - 1][1]]:
+        raise ConfigError("the trace has no completion after its prompt, or its rendered "
+                          "prompt does not hold the prompt text; give a trace from model.think")
+    a = own_answer_token(trace, extract or default_extractor(model))
+    reach = trace.offsets[a][0] if a is not None else len(trace.text)
+    tail = trace.text[trace.offsets[n - 1][1]:]
+    completion_ok = model.encode(tail) == list(trace.token_ids[n:])
+    cands = []
+    for old, new in _changes(trace.prompt):
+        got = _corrupted(model, trace, old, new, reach, completion_ok)
+        if got is not None:
+            cands.append((old, new, *got))
+        if len(cands) == max_candidates:
+            break
+    if not cands:
+        raise ConfigError(f"no number or name of the prompt {trace.prompt!r} can be changed "
+                          "with its tokens staying aligned; build a pair by hand with make_pair")
+    where = list(range(n - 1, len(trace) - 1))            # predictions of completion tokens
+    logits = fwd.run(model, [list(trace.token_ids)] + [c[2] for c in cands],
+                     logits_at=[where] * (len(cands) + 1), batch_size=batch_size)
+    top = torch.stack([x.argmax(-1) for x in logits])     # [1 + candidate, completion]
+    written = torch.tensor(trace.token_ids[n:])
+    best = None
+    for k, (old, _, _, changed) in enumerate(cands):
+        flips = [j for j, p in enumerate(where)
+                 if p + 1 not in changed and top[k + 1, j] != top[0, j]]
+        if not flips:
+            continue
+        own = [j for j in flips if top[0, j] == written[j]]
+        at = [j for j in flips if a is not None and where[j] == a - 1]
+        kind, j = (0, at[0]) if at else (1, own[0]) if own else (2, flips[0])
+        if answer_only and kind:
+            continue
+        rank = (kind, not old.isdigit(), where[j])
+        if best is None or rank < best[0]:
+            best = (rank, k, j)
+    if best is None:
+        what = "the prediction of its final answer" if answer_only else "any prediction"
+        raise ConfigError(f"none of {len(cands)} changes of a number or name in the prompt "
+                          f"{trace.prompt!r} changes {what}; build a pair by hand with make_pair")
+    (kind, _, pos), k, j = best
+    old, new, ids, _ = cands[k]
+    ans, wrong = int(top[0, j]), int(top[k + 1, j])
+    pair = make_pair(model, list(trace.token_ids[: pos + 1]), ids[: pos + 1], answer=ans,
+                     wrong=wrong, answer_pos=-1)
+    dec = model.tokenizer.decode
+    where_txt = ("at the model's final answer" if kind == 0 else
+                 "the change does not reach the final answer; at the first token of the "
+                 "model's own completion it changes" if kind == 1 else
+                 "at the first position whose prediction it changes")
+    what = "prompt and completion" if completion_ok and old.isdigit() else "prompt"
+    why = (f"changed {old!r} to {new!r} ({what}); {where_txt} (position {pos}, predicting "
+           f"token {pos + 1}) the model's prediction changes from {dec([ans])!r} to "
+           f"{dec([wrong])!r}")
+    return replace(pair, why=why)
+
+
+__all__ = ["Pair", "input_tokens", "make_pair", "counterfactual_pair", "own_answer_token", "NAMES"]

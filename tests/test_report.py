@@ -62,7 +62,8 @@ def test_page_is_self_contained_with_plotly_inline_once(rep, written):
     path, page = written
     n = len(rep.figures())
     n_att = len(_section(rep, "Attention").figures)  # a figure per layer of the two heads + 1
-    assert path.name == PAGE and n_att in (2, 3) and n == 3 + n_att + 2 + 2 + 3 + 2  # + phase change 2
+    # traces 3, attention, anchors 3, probe 1, lens 2, patching 2, circuit 3, phase change 2
+    assert path.name == PAGE and n_att in (2, 3) and n == 3 + n_att + 3 + 1 + 2 + 2 + 3 + 2
     assert page.count(get_plotlyjs()) == 1                     # the whole library, once
     assert page.count("plotly.js v") == 1
     tags = re.findall(r"<script\b[^>]*>", page)
@@ -191,19 +192,90 @@ def test_logit_lens_ends_on_the_answer(rep):
 
 # ---- other models, the CLI, the builder -------------------------------------------------
 
-def test_other_models_skip_organism_parts_with_a_note(qwen2_dir, tmp_path, capsys):
-    code = main(["report", "--model", str(qwen2_dir), "--out", str(tmp_path), "--n-problems",
-                 "2", "--max-new-tokens", "12", "--formats", "", "--no-progress"])
+# organism-vocabulary completions for the random-weight Qwen2 (its own generations are noise)
+GIVEN = [
+    ("c = b + 4 ; a = 7 ; b = a - 2 ; ? c",
+     "a = 7 . b = 7 - 2 = 5 . b = 5 . c = 5 + 4 = 9 . c = 9 . </think> 9", "9"),
+    ("e = 5 ; d = e + 3 ; g = 1 ; ? d",
+     "e = 5 . d = 5 + 3 = 8 . d = 8 . g = 1 . d = 8 . </think> 8", "8"),
+    ("h = f - 1 ; f = k + 6 ; k = 2 ; j = 9 ; ? h",
+     "k = 2 . f = 2 + 6 = 8 . f = 8 . h = 8 - 1 = 7 . h = 7 . </think> 7", "6"),
+]
+
+
+def _drawn(page_path):
+    res = check_page(page_path, browser=_browser())
+    plots = json.loads(res.value)
+    return res.errors, plots
+
+
+def test_report_on_given_traces_of_any_model(qwen2, qwen2_dir, tmp_path, capsys):
+    from thinklens.hooks.trace import Trace
+
+    file = tmp_path / "traces.jsonl"
+    trs = [Trace.from_text(qwen2, p, c, meta={"id": f"t{k}", "answer": a})
+           for k, (p, c, a) in enumerate(GIVEN)]
+    file.write_text("".join(json.dumps(t.to_dict()) + "\n" for t in trs))
+    out = tmp_path / "out"
+    code = main(["report", "--model", str(qwen2_dir), "--traces", str(file), "--out", str(out),
+                 "--formats", "", "--no-progress"])
     assert code == 0 and "report.html" in capsys.readouterr().out
-    page = (tmp_path / PAGE).read_text()
-    assert page.count("needs ground truth from the model&#x27;s task") == 3  # probe, patching, circuit
-    assert page.count("it has no registered task") == 3
-    assert "The model and its traces" in page and "Attention" in page
-    assert not (tmp_path / FIGURES).exists()
-    assert page.count("Plotly.newPlot(") >= 1       # the middle layer's attention at least
-    if _browser() is not None:                      # parts drawn from degenerate traces
-        res = check_page(tmp_path / PAGE, browser=_browser())
-        assert res.errors == [] and all(p["shapes"] > 0 for p in json.loads(res.value))
+    page = (out / PAGE).read_text()
+    assert "needs ground truth" not in page                 # nothing skipped for lack of a task
+    assert page.count("Plotly.newPlot(") >= 10
+    for title in ("Thought anchors", "Activation patching", "Circuit", "Logit lens toward"):
+        assert title in page
+    assert "changed &#x27;" in page                         # the pair says what it changed
+    assert "Correctness probe not fitted, too little data: 2 correct and 1 wrong" in page
+    assert "Tag probe not fitted, too little data" in page
+    # the third given answer (7) is not its row's (6): the own answer is what it wrote
+    assert re.search(r"<td class=\"mono\">7</td><td>no</td>", page)
+    if _browser() is not None:
+        errors, plots = _drawn(out / PAGE)
+        assert errors == [] and len(plots) >= 10
+        assert all(p["svgs"] >= 1 and p["shapes"] > 0 for p in plots), plots
+
+
+def test_a_trace_cut_at_the_token_limit_is_listed_as_truncated(qwen2):
+    from thinklens.report import sections
+
+    from thinklens.hooks.trace import Trace
+
+    trs = qwen2.think_batch(["a = 7 ; ? a", "b = 2 ; ? b", "c = 1 ; ? c", "d = 3 ; ? d"],
+                            max_new_tokens=2, progress=False)
+    cut = [t for t in trs if t.meta["finished"] is False]  # stopped by the limit, not eos
+    assert cut
+    done = Trace.from_text(qwen2, "a = 7 ; ? a", "a = 7 . </think> 7")
+    table = sections.traces(qwen2, [*cut, done]).table
+    col = table.columns.index("truncated")
+    assert [r[col] for r in table.rows] == ["yes"] * len(cut) + ["no"]
+
+
+@pytest.mark.smollm
+def test_report_on_smollm_studies_its_own_answers(smollm, tmp_path):
+    from thinklens.circuits.pairs import own_answer_token
+    from thinklens.hooks.answers import generic_answer
+    from thinklens.theme import escape
+
+    rep = study(smollm, n_problems=8, max_new_tokens=48, progress=False)
+    assert len(rep.figures()) >= 10
+    assert "needs ground truth" not in " ".join((s.note or "") + s.text for s in rep.sections)
+    lens = _section(rep, "Logit lens toward")
+    assert lens.figures
+    for f in lens.figures:                     # the token the trace wrote as its answer,
+        t = rep.traces[int(f.name.rsplit("-", 1)[1])]   # over the tokens before it
+        a = own_answer_token(t, generic_answer)
+        assert a is not None and t.tokens[a].strip() == generic_answer(t)[0]
+        shown = [i for i in t.think_span.range if i < a] or list(range(t.prompt_span.end, a))
+        assert list(f.fig.layout.xaxis.ticktext) == [escape(t.tokens[i]) for i in shown]
+        assert min(shown) >= t.prompt_span.end and f"(token {a})" in f.fig.layout.xaxis.title.text
+        assert repr(t.tokens[a]) in f.caption
+    s = _section(rep, "Activation patching")
+    assert "changed '" in s.text and s.figures
+    path = rep.write(tmp_path, formats=(), progress=False)
+    if _browser() is not None:
+        errors, plots = _drawn(path)
+        assert errors == [] and all(p["shapes"] > 0 for p in plots)
 
 
 def test_builder_escapes_and_checks(tmp_path):

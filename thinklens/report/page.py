@@ -112,6 +112,7 @@ class Report:
         self.title = title
         self.meta = dict(meta or {})
         self.sections: list[Section] = []
+        self.traces: list[Any] = []   # the traces a study ran on (kept for inspection, not drawn)
 
     def add(self, section: Section) -> Section:
         self.sections.append(section)

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from thinklens import probes as P
 from thinklens.circuits import atp, eap, faithfulness_curve, patch
-from thinklens.errors import ConfigError, ThinklensError
+from thinklens.errors import ConfigError
 from thinklens.plots import (
     plot_attention,
     plot_attribution_scatter,
     plot_circuit,
     plot_faithfulness,
     plot_head_grid,
-    plot_logit_lens,
     plot_patching,
     plot_probe_by_layer,
     plot_sentence_attention,
@@ -25,6 +24,7 @@ from thinklens.plots import (
 from thinklens.report.page import Section, Table
 
 _TEXT_CHARS = 400  # thinking shown per trace in the table; the figure has every sentence
+TRACE_FIGURES = 4  # trace figures drawn at most (every trace is in the table)
 
 
 def _needs_task(model: Any, what: str) -> str:
@@ -42,27 +42,54 @@ def _short(text: str, n: int = _TEXT_CHARS) -> str:
 
 # ---- 1. traces ----------------------------------------------------------------------------
 
-def traces(model: Any, trs: list) -> Section:
-
+def traces(model: Any, trs: list, own: list | None = None, right: list | None = None,
+           max_figures: int = TRACE_FIGURES) -> Section:
+    """The traces table (prompt, thinking, the model's own final answer, whether it is
+    correct, sentences, whether generation was cut at the token limit) and trace figures."""
     c = model.config
+    tags = sum(t.meta.get("thinking") == "tags" for t in trs)
+    how = ("the model writes its reasoning between <think> and </think>" if tags == len(trs)
+           else "with no <think> tags, the completion up to its final answer is taken as the "
+           "thinking" if tags == 0 else f"{tags} of {len(trs)} traces write <think> tags; "
+           "in the others the completion up to the final answer is the thinking")
     s = Section(
         "The model and its traces",
         f"{model.name}: {c.n_layers} layers, {c.n_heads} heads, d_model {c.d_model}, "
-        f"vocabulary {c.d_vocab}. Each prompt was answered greedily; the model writes its "
-        "reasoning between <think> and </think>, cut into sentences (Thought Anchors' rule) "
-        "and tagged by behaviour. "
+        f"vocabulary {c.d_vocab}. Each prompt was answered greedily (or its trace given); "
+        f"{how}; the thinking is cut into sentences (Thought Anchors' rule) and tagged by "
+        "behaviour. 'Truncated' means generation stopped at the token limit. "
         + (model.task.description if model.task is not None else ""))
-    rows = [[k, t.prompt, _short(t.thinking_text), t.answer_text.strip(), len(t.sentences),
-             "yes" if t.truncated else "no"] for k, t in enumerate(trs)]
-    s.table = Table(["#", "prompt", "thinking", "answer", "sentences", "truncated"], rows,
-                    mono=(1, 2, 3))
-    for k, t in enumerate(trs):
-        if t.sentences:
-            s.figure(f"trace-{k}", plot_trace(t), f"Trace {k}: thinking sentences coloured by tag.")
+    own = own if own is not None else [None] * len(trs)
+    cols = ["#", "prompt", "thinking", "answer", "own answer"]
+    rows = [[k, t.prompt, _short(t.thinking_text), _short(t.answer_text.strip(), 120),
+             "—" if a is None else a] for k, (t, a) in enumerate(zip(trs, own))]
+    if right is not None:
+        cols.append("correct")
+        for r, ok in zip(rows, right):
+            r.append("—" if ok is None else "yes" if ok else "no")
+    cols += ["sentences", "truncated"]
+    for r, t in zip(rows, trs):
+        r += [len(t.sentences), "yes" if t.truncated else "no"]
+    s.table = Table(cols, rows, mono=(1, 2, 3, 4))
+    drawn = [k for k, t in enumerate(trs) if t.sentences][:max_figures]
+    for k in drawn:
+        s.figure(f"trace-{k}", plot_trace(trs[k]),
+                 f"Trace {k}: thinking sentences coloured by tag.")
+    notes = []
     empty = [k for k, t in enumerate(trs) if not t.sentences]
     if empty:
-        s.note = (f"Traces {empty} hold no thinking sentences (no <think> … </think> in the "
-                  "output, or nothing between them), so they have no trace figure.")
+        notes.append(f"Traces {empty} hold no thinking sentences (nothing before the final "
+                     "answer, or nothing between <think> and </think>), so they have no "
+                     "trace figure.")
+    more = len(trs) - len(empty) - len(drawn)
+    if more > 0:
+        notes.append(f"Figures of the first {len(drawn)} traces with sentences are drawn; "
+                     f"{more} more are in the table.")
+    if right is not None and any(ok is not None for ok in right):
+        n_ok = sum(ok is True for ok in right)
+        scored = sum(ok is not None for ok in right)
+        notes.append(f"{n_ok} of {scored} answers are correct.")
+    s.note = " ".join(notes) or None
     return s
 
 
@@ -144,45 +171,6 @@ def _skipped_probes(model: Any) -> Section:
                    note=_needs_task(model, "this probe"))
 
 
-def logit_lens(model: Any, trs: list) -> Section:
-
-    s = Section(
-        "Logit lens",
-        "Each layer's residual stream decoded through the final norm and unembedding "
-        "(nostalgebraist 2020): the probability of the model's own first answer token at "
-        "every thinking token. Where it lights up early, the answer is already written in "
-        "the residual stream before the thinking reaches it.")
-    keep = [k for k, t in enumerate(trs) if t.answer_text.strip()]
-    if not keep:
-        s.note = ("Skipped: no trace has an answer after its thinking (all truncated or "
-                  "without </think>), so there is no answer token to follow.")
-        return s
-    thinking = [k for k in keep if len(trs[k].think_span)]
-    where = "thinking" if thinking else "prompt"
-    if not thinking:
-        s.note = ("No trace with an answer has thinking tokens; the lens runs over the "
-                  "prompt tokens instead.")
-    keep = thinking or keep
-    try:
-        lens = P.logit_lens(model, [trs[k] for k in keep], positions=where)
-    except ThinklensError as e:
-        s.note = f"Skipped: {e}"
-        return s
-    s.figure("logit-lens", plot_logit_lens(lens, 0),
-             f"Trace {keep[0]}: probability of the answer token by layer and {where} token.")
-    valid = lens.rank >= 0                                   # [trace, layer, pos]
-    top1 = ((lens.rank == 0) & valid).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
-    prob = torch.nan_to_num(lens.prob).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
-    s.table = Table(["layer", f"answer top-1 (fraction of {where} tokens)", "mean answer prob"],
-                    [[name, float(top1[j]), float(prob[j])] for j, name in
-                     enumerate(lens.layers)], mono=(0,))
-    if len(keep) < len(trs):
-        left = sorted(set(range(len(trs))) - set(keep))
-        why = "no answer" if where == "prompt" else "no answer or no thinking"
-        s.note = " ".join(filter(None, [s.note, f"Left out ({why}): traces {left}."]))
-    return s
-
-
 # ---- 4. patching --------------------------------------------------------------------------
 
 @dataclass
@@ -259,8 +247,11 @@ def circuit(model: Any, pair: Any, exact_z: Any = None, at_least: float = 0.8) -
     s.figure("circuit-faithfulness", plot_faithfulness(curve),
              "Faithfulness of the top-n edges against n.")
     if exact_z is not None:
-        estimates = {"AtP": atp(model, pair, "z", by=("layer", "head")),
-                     "EAP-IG": full.node_effects("z")}
+        layers = [int(x) for x in exact_z.labels["layer"]]
+        ig = full.node_effects("z")
+        ig = replace(ig, values=ig.values[layers], labels={**ig.labels, "layer": layers})
+        estimates = {"AtP": atp(model, pair, "z", by=("layer", "head"), layers=layers),
+                     "EAP-IG": ig}
         s.figure("attribution-vs-exact", plot_attribution_scatter(estimates, exact_z),
                  "Each head's effect estimated by AtP (one forward and one backward pass) "
                  "and by EAP-IG (its summed outgoing edge scores) against exact activation "
@@ -275,5 +266,5 @@ def skipped_circuit(model: Any) -> Section:
                    note=_needs_task(model, "the circuit (found on the task's pair)"))
 
 
-__all__ = ["Patching", "traces", "attention", "probes", "logit_lens", "patching",
+__all__ = ["Patching", "traces", "attention", "probes", "patching",
            "skipped_patching", "circuit", "skipped_circuit"]

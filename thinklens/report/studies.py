@@ -1,25 +1,36 @@
-"""The study behind ``thinklens report``: traces, attention, probes, patching on one model.
+"""The study behind ``thinklens report``: traces, attention, thought anchors, probes,
+the logit lens, patching and a circuit, on any model.
 
-1. Think on a handful of prompts (greedy) and show each trace, sentence by sentence.
-2. Models with a task that builds a pair (``model.task.study_pair``; the organism:
-   change the root constant of the asked chain, ``change_constant``) patch it: ``resid_pre`` by layer × position and ``z`` by layer × head (denoising,
-   logit difference; Meng et al. 2022, Heimersheim & Nanda 2024).
-3. Attention of the first trace: token-level patterns of two heads (the two with the
-   largest z-patching effect on the organism, else two heads of the middle layer) and
-   the sentence × sentence mean attention of every head (Thought Anchors, Bogdan et al.
-   2025).
-4. Models whose task names a label set to study (``model.task.study_labels``; the
-   organism: the value a compute step writes, read at the ``=`` before it) probe every
-   layer's residual stream for it on the task's held-out problems, with a shuffled-label
-   control (Hewitt & Liang 2019). Every model: the logit lens (nostalgebraist 2020) of
-   the model's own first answer token over the thinking.
-5. With the pair of step 2: score every edge of the pair's computation graph with EAP-IG (Hanna et
-   al. 2024), keep the fewest top edges that recover 80% of the logit difference, and
-   draw that circuit and the faithfulness curve.
+1. **Traces.** Think (greedy) on the prompts given, or on the first ``n_problems`` of the
+   bundled grade-school math problems (:mod:`thinklens.report.problems`; the organism:
+   its task's example prompts), or study given traces as they are (``traces=``, e.g. a
+   traces file from ``thinklens think``: completions made on a GPU cluster, or R1-style
+   completions for a random-weight model of that interface). Each trace is shown with
+   its sentences and tags, its own final answer and whether it was cut at the token limit.
+2. **Patching.** The organism patches its task's pair (``model.task.study_pair``: change
+   the root constant of the asked chain); any other model a pair built from its own
+   trace (:func:`thinklens.circuits.counterfactual_pair`: one number or name changed, the
+   tokens aligned, the metric read where the model's prediction changes, its final
+   answer when the change reaches it). ``resid_pre`` by layer × position and ``z`` by
+   layer × head (denoising, logit difference; Meng et al. 2022, Heimersheim & Nanda 2024).
+3. **Attention.** Token-level patterns of the two heads with the largest z-patching
+   effect (else two heads of the middle layer) and the sentence × sentence mean
+   attention of every head.
+4. **Thought anchors** (:mod:`thinklens.report.anchors`; Bogdan et al. 2025): forced
+   answer, attention suppression and its attribution, receiver heads; resampling when
+   asked (``resample=True``).
+5. **Probes.** The organism: the value a compute step writes, read at the ``=`` before
+   it, on its task's held-out problems (ground truth of the task). Any model: behaviour
+   tags of sentences and, where the prompts carry answers, correctness
+   (:mod:`thinklens.report.generic`). Shuffled-label controls and bootstrap intervals.
+6. **Logit lens** (nostalgebraist 2020) toward the model's own final answer, over the
+   thinking tokens before it.
+7. **Circuit.** EAP-IG (Hanna et al. 2024) on the pair of step 2: the fewest top edges
+   that recover 80% of the logit difference, the faithfulness curve, and AtP / EAP-IG
+   against exact patching of each head.
 
-Each part becomes a :class:`~thinklens.report.page.Section`; parts that need what a
-model's task provides (:mod:`thinklens.hooks.task`) are replaced by a note on models
-without one.
+Each part becomes a :class:`~thinklens.report.page.Section`; a part whose data is too
+small says so in its note instead of drawing noise.
 """
 
 from __future__ import annotations
@@ -35,38 +46,47 @@ from tqdm.auto import tqdm
 
 import thinklens
 from thinklens.errors import ConfigError
+from thinklens.hooks.answers import default_extractor
+from thinklens.hooks.trace import Trace
+from thinklens.report import generic as G
 from thinklens.report import sections as S
+from thinklens.report.anchors import anchors
 from thinklens.report.page import FORMATS, Report
 from thinklens.report.phase import phase_change
+from thinklens.report.problems import as_rows, bundled_problems, correct
 
-GENERIC_PROMPTS = [
-    "What is 17 + 25? Answer with the number only.",
-    "Tom has 3 apples and buys 4 more. How many apples does he have?",
-    "Is 91 a prime number? Answer yes or no.",
-    "x = 7 and y = x - 2. What is y?",
-]
 _SMALL_D_MODEL = 256  # below this, one torch thread is faster (see _one_thread)
-_STEPS = ("load", "think", "patching", "attention", "probes", "logit lens", "circuit")
+_STEPS = ("load", "think", "patching", "attention", "anchors", "probes", "logit lens",
+          "circuit")
+N_PROBLEMS = 24       # default problems for a model without a task: the probes' split by trace
+N_ORGANISM = 4        # default problems shown for the organism (its probes use held-out ones)
 
 
 def report(model: Any = "organism", out: str | Path = "thinklens-report", *,
-           prompts: Sequence[str] | None = None, n_problems: int = 4,
-           n_probe: int = 60, max_new_tokens: int | None = None,
-           formats: Sequence[str] = FORMATS, progress: bool = True) -> Path:
+           prompts: Sequence[Any] | None = None, traces: Sequence[Trace] | None = None,
+           n_problems: int | None = None, n_probe: int = 60, max_new_tokens: int | None = None,
+           resample: bool = False, formats: Sequence[str] = FORMATS,
+           progress: bool = True) -> Path:
     """Run the study on ``model`` and write ``out/report.html`` (returned) and ``out/figures/``.
 
     Example::
 
-        path = report("organism", "thinklens-report")   # about half a minute on 2 CPU cores
-        path.name                                       # 'report.html'
+        path = report("organism", "thinklens-report")   # about a minute on 2 CPU cores
+        report("model.gguf", "out", prompts=[{"prompt": "2 + 3?", "answer": "5"}])
+        report(model, "out", traces=thinklens.jobs.read_traces("traces.jsonl"))
 
-    ``model``: a spec for :func:`thinklens.load` or a loaded Model. ``prompts``: the
-    problems shown (default: ``n_problems`` of the task's example prompts, else built-in
-    ones). ``n_probe``: held-out problems of the task the probes are trained and tested on. ``formats``: figure files beside the
-    page (``()`` for none).
+    ``model``: a spec for :func:`thinklens.load` or a loaded Model. ``prompts``: strings
+    or rows ``{"prompt", "answer"?}`` (an answer enables the correctness probe); default
+    the bundled problems (:func:`~thinklens.report.problems.bundled_problems`), the
+    organism's example prompts for the organism. ``traces``: given completions (Traces of
+    this model) studied instead of thinking (their ``meta["answer"]``, if any, is the
+    true answer). ``n_problems``: how many prompts (default 24; 4 for the organism).
+    ``n_probe``: the organism's held-out problems for its value probe. ``resample``: add
+    resampling importance (rollouts; costly). ``formats``: figure files beside the page
+    (``()`` for none).
     """
-    rep = study(model, prompts=prompts, n_problems=n_problems, n_probe=n_probe,
-                max_new_tokens=max_new_tokens, progress=progress)
+    rep = study(model, prompts=prompts, traces=traces, n_problems=n_problems, n_probe=n_probe,
+                max_new_tokens=max_new_tokens, resample=resample, progress=progress)
     return rep.write(out, formats=formats, progress=progress)
 
 
@@ -86,69 +106,118 @@ def _one_thread(on: bool) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def study(model: Any = "organism", *, prompts: Sequence[str] | None = None,
-          n_problems: int = 4, n_probe: int = 60, max_new_tokens: int | None = None,
+def study(model: Any = "organism", *, prompts: Sequence[Any] | None = None,
+          traces: Sequence[Trace] | None = None, n_problems: int | None = None,
+          n_probe: int = 60, max_new_tokens: int | None = None, resample: bool = False,
           progress: bool = True) -> Report:
     """The :class:`Report` of :func:`report`, computed but not written (see its arguments)."""
     for name, v, least in (("n_problems", n_problems, 1), ("n_probe", n_probe, 6)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
             raise ConfigError(f"{name}={v!r}; give an integer >= {least}")
+    if prompts is not None and traces is not None:
+        raise ConfigError("give prompts= (thought on here) or traces= (studied as they are), "
+                          "not both")
+    rows = None
     if prompts is not None:
-        prompts = list(prompts)
-        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ConfigError(f"prompts={prompts!r}; give a list of non-empty strings")
+        if isinstance(prompts, str) or not list(prompts):
+            raise ConfigError(f"prompts={prompts!r}; give a list of non-empty strings or rows")
+        rows = as_rows(prompts)[:n_problems]
+    if traces is not None:
+        traces = list(traces)
+        if not traces or not all(isinstance(t, Trace) for t in traces):
+            raise ConfigError("traces= must be a non-empty list of Traces "
+                              "(thinklens.jobs.read_traces(file))")
+        traces = traces[:n_problems]
     t0 = time.time()
     bar = tqdm(total=len(_STEPS), desc="report", unit="step", disable=not progress)
-
-    def step(name: str) -> None:
-        bar.set_postfix_str(name)
-
-    step("load")
     if isinstance(model, str | Path):
         model = thinklens.load(str(model))
     bar.update()
     with _one_thread(model.config.d_model <= _SMALL_D_MODEL):
-        rep = _run(model, prompts, n_problems, n_probe, max_new_tokens, bar, step)
+        rep = _run(model, rows, traces, n_problems, n_probe, max_new_tokens, resample, bar)
     rep.meta["study time"] = f"{time.time() - t0:.1f} s (before figure export)"
     bar.close()
     return rep
 
 
-def _run(model, prompts, n_problems, n_probe, max_new_tokens, bar, step) -> Report:
-    step("think")
-    task = model.task
-    default = task.example_prompts if task is not None and task.example_prompts \
-        else GENERIC_PROMPTS
-    prompts = prompts if prompts is not None else default[:n_problems]
+def _inputs(model, rows, given, n_problems, max_new_tokens, organism):
+    """(traces, true answers or None per trace, where they came from)."""
+    if given is not None:  # completions made elsewhere: studied as they are
+        return given, [t.meta.get("answer") for t in given], "given traces"
+    if rows is None:
+        task = model.task
+        if organism and task.example_prompts:
+            rows = [{"prompt": p} for p in task.example_prompts[: n_problems or N_ORGANISM]]
+            source = "the task's example prompts"
+        else:
+            rows = bundled_problems(n_problems or N_PROBLEMS)
+            source = "bundled grade-school problems"
+    else:
+        source = "given prompts"
     small = model.config.d_model <= _SMALL_D_MODEL
     budget = max_new_tokens or (96 if small else 160)
-    traces = model.think_batch(prompts, max_new_tokens=budget, progress=False)
+    trs = model.think_batch([r["prompt"] for r in rows], max_new_tokens=budget, progress=False)
+    for t, r in zip(trs, rows):
+        if "id" in r:
+            t.meta.setdefault("id", str(r["id"]))
+    return trs, [r.get("answer") for r in rows], source
+
+
+def _run(model, rows, given, n_problems, n_probe, max_new_tokens, resample, bar) -> Report:
+    times: dict[str, float] = {}
+    clock = [time.time()]
+
+    def step(name: str) -> None:
+        now = time.time()
+        if times:
+            times[next(reversed(times))] = now - clock[0]
+        clock[0] = now
+        bar.set_postfix_str(name)
+        times[name] = 0.0
+
+    task = model.task
+    organism = task is not None and task.study_labels is not None
+    step("think")
+    trs, answers, source = _inputs(model, rows, given, n_problems, max_new_tokens, organism)
+    has_answers = any(a is not None for a in answers)
+    right = correct(model, trs, answers) if has_answers else None
+    extract = default_extractor(model)
     bar.update()
     step("patching")
-    patching = S.patching(model, prompts)
+    if organism:
+        patching = S.patching(model, [t.prompt for t in trs])
+        patch_section = patching.section if patching is not None else S.skipped_patching(model)
+    else:
+        patching, patch_section = G.pair_patching(model, trs)
     bar.update()
     step("attention")
-    attention = S.attention(model, traces, _heads(model, patching),
+    attention = S.attention(model, trs, _heads(model, patching),
                             from_patching=patching is not None)
     bar.update()
+    step("anchors")
+    anchor = anchors(model, trs, resample=resample)
+    bar.update()
     step("probes")
-    probe = S.probes(model, n_probe)
+    probe = S.probes(model, n_probe) if organism else G.behaviour_probes(model, trs, right)
     bar.update()
     step("logit lens")
-    lens = S.logit_lens(model, traces)
+    lens = G.own_answer_lens(model, trs)
     bar.update()
     step("circuit")
     circuit = (S.circuit(model, patching.pair, patching.z) if patching is not None
                else S.skipped_circuit(model))
     bar.update()
+    step("tables")
     rep = Report(f"thinklens report: {model.name}", meta={
-        "model": repr(model), "problems": len(traces), "study time": "",
-        "thinklens": thinklens.__version__})
-    for section in (S.traces(model, traces), attention, probe, lens,
-                    patching.section if patching is not None else S.skipped_patching(model),
-                    circuit):
+        "model": repr(model), "problems": f"{len(trs)} ({source})", "study time": "",
+        "time per part": "", "thinklens": thinklens.__version__})
+    own = [extract(t) for t in trs]
+    for section in (S.traces(model, trs, own, right), attention, anchor, probe, lens,
+                    patch_section, circuit):
         rep.add(section)
     rep.add(phase_change(model))  # the model's training checkpoints, where it has them
+    rep.traces = list(trs)
+    rep.meta["time per part"] = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
     return rep
 
 
@@ -157,9 +226,10 @@ def _heads(model: Any, patching: Any) -> list[tuple[int, int]]:
     n_layers, n_heads = model.config.n_layers, model.config.n_heads
     if patching is not None:
         z = patching.z.normalized().abs()
+        layers = patching.z.labels["layer"]
         top = torch.topk(z.flatten(), min(2, z.numel())).indices.tolist()
-        return [(k // z.shape[1], k % z.shape[1]) for k in top]
+        return [(int(layers[k // z.shape[1]]), k % z.shape[1]) for k in top]
     return [(n_layers // 2, h) for h in range(min(2, n_heads))]
 
 
-__all__ = ["report", "study"]
+__all__ = ["report", "study", "N_PROBLEMS"]
