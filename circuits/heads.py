@@ -59,7 +59,7 @@ Targets = list[tuple[int, list[int]]]  # (query position, key positions)
 
 @dataclass
 class HeadScores:
-    """Scores of every head, one ``[layer, head]`` tensor per kind.
+    """Scores of every head, one ``[layer, head]`` tensor per kind (NaN: no row to score).
 
     ``counts[kind]``: query rows scored; ``lengths[kind]``: tokens of each input scored
     (what ``detect_head``'s normalisation needs); ``settings``: how the inputs were made.
@@ -184,7 +184,8 @@ def _score(model: Any, inputs: list, targets: dict[str, list[Targets]],
         return [(f"blocks.{layer}.attn.hook_pattern", at(layer)) for layer in range(n_layers)]
 
     fwd.run(model, inputs, hooks, batch_size=batch_size, stop_early=True)
-    return ({k: (mass[k] / max(counts[k], 1)).float() for k in targets}, counts)
+    return ({k: (mass[k] / counts[k] if counts[k] else mass[k] * float("nan")).float()
+             for k in targets}, counts)
 
 
 def head_scores(model: Any, kinds: Sequence[str] | None = None, *,
@@ -219,9 +220,9 @@ def head_scores(model: Any, kinds: Sequence[str] | None = None, *,
             per = [model.task.attention_targets(t) for t in traces] if model.task else None
         except ConfigError:
             per = None
-        if per:
-            task_kinds = list(per[0])
-            task_targets = {k: [p[k] for p in per] for k in task_kinds}
+        if per:  # a kind some traces lack (a backtracking lookup) scores none of theirs
+            task_kinds = list(dict.fromkeys(k for p in per for k in p))
+            task_targets = {k: [p.get(k, []) for p in per] for k in task_kinds}
     valid = [*TOKEN_KINDS, *task_kinds]
     kinds = list(valid if kinds is None else kinds)
     bad = [k for k in kinds if k not in valid]

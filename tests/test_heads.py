@@ -108,3 +108,30 @@ def test_bad_input(organism, qwen2):
         icl_score(organism, reference_traces(organism, 2))
     with pytest.raises(ConfigError, match="0 < early < late"):
         icl_score(organism, [[1, 2, 3]], early=5, late=2)
+
+
+def test_backtracking_lookups_of_the_second_organism():
+    """A 'wait' step copies the operand again; the step after it must read the correction."""
+    from thinklens.errors import ModelLoadError
+
+    try:
+        model = thinklens.load("organism-backtrack")
+    except ModelLoadError as e:
+        pytest.skip(f"organism-backtrack's weights are not shipped yet ({e})")
+    prompt = "k = h - 8 ; f = e + 9 ; e = 9 ; j = f + 7 ; h = 4 ; ? j"
+    thinking = ("k = h - 8 . h = 4 . k = 4 - 8 = 9 . wait k = 4 - 8 = 6 . j = f + 7 . "
+                "f = e + 9 . e = 9 . f = 9 + 9 = 1 . wait f = 9 + 9 = 8 . j = 8 + 7 = 5 .")
+    tr = thinklens.Trace.from_text(model, prompt, thinking + " </think> 5 <eos>")
+    got = model.task.attention_targets(tr)
+    words = [t.strip() for t in tr.tokens]
+    step = {q: " ".join(words[q - 2: q + 1]) for q, _ in got["operand_copy"]}
+    assert [step[q] for q, _ in got["correction_copy"]] == ["wait k =", "wait f ="]
+    assert [(words[q - 1], words[k[0]]) for q, k in got["corrected_copy"]] == [("j", "8")]
+    assert words[got["corrected_copy"][0][1][0] - 7] == "wait"       # the corrected value
+    assert len(got["operand_copy"]) == 5 and len(got["lookup"]) == 5
+    s = head_scores(model, ["correction_copy", "corrected_copy"], traces=[tr])
+    assert s.counts == {"correction_copy": 2, "corrected_copy": 1}
+    assert bool(((s["corrected_copy"] >= 0) & (s["corrected_copy"] <= 1)).all())
+    plain = head_scores(model, ["lookup"], traces=[thinklens.Trace.from_text(
+        model, prompt, model.task.completion(prompt))])
+    assert "corrected_copy" not in plain.kinds

@@ -139,6 +139,8 @@ class OrganismTask(Task):
             out |= {"correction_copy": [], "corrected_copy": []}
 
         def opener(pos: int) -> str:  # role of the first token of pos's step
+            if truth[pos] is None:
+                return ""
             while pos > 0 and truth[pos - 1] is not None and truth[pos - 1].role != "end":
                 pos -= 1
             return truth[pos].role
@@ -148,7 +150,8 @@ class OrganismTask(Task):
                 continue
             if t.phase == "resolve":
                 out["lookup"].append((k, spans[t.statement]))
-            elif t.phase == "compute" and truth[k - 1] is not None and truth[k - 1].role == "var":
+            elif t.phase == "compute" and t.source_pos >= 0 and truth[k - 1] is not None \
+                    and truth[k - 1].role == "var":
                 out["operand_copy"].append((k, [t.source_pos]))
                 if waits and opener(k) == "wait":
                     out["correction_copy"].append((k, [t.source_pos]))
