@@ -160,12 +160,15 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "report", help="a full study of a model as one self-contained HTML page",
         description="Run a study on a model (the bundled organism by default) and write "
-        "OUT/report.html: the traces of a few problems, token- and sentence-level attention, "
-        "a probe sweep over layers with a control, the logit lens, activation patching by "
-        "layer x position and by head, an EAP-IG circuit with its faithfulness curve. The page holds plotly.js and works offline from disk; "
-        "every figure is also written to OUT/figures/ as PDF and SVG. On another model, the "
-        "parts that need the organism's ground truth (probes, patching pairs, the circuit) "
-        "are skipped with a note. About a minute on 2 CPU cores for the organism.")
+        "OUT/report.html: traces with their own answers, token- and sentence-level attention, "
+        "thought anchors, probes with shuffled-label controls, the logit lens toward the "
+        "model's own answer, activation patching by layer x position and by head on a "
+        "counterfactual pair built from the model's own trace, an EAP-IG circuit with its "
+        "faithfulness curve. The page holds plotly.js and works offline from disk; every "
+        "figure is also written to OUT/figures/ as PDF and SVG. Any model gets every part "
+        "that needs no ground truth, on --prompts, on --traces, or on the bundled "
+        "grade-school problems; the organism keeps its ground-truth parts. About a minute "
+        "on 2 CPU cores for the organism.")
     r.add_argument("--model", default="organism", help="model spec (default: organism)")
     r.add_argument("--out", default="thinklens-report", help="output folder (default: %(default)s)")
     rsrc = r.add_mutually_exclusive_group()
@@ -173,8 +176,9 @@ def _parser() -> argparse.ArgumentParser:
                       "{\"prompt\": ..., \"answer\": ...} per line, answer optional)")
     rsrc.add_argument("--traces", help="JSONL traces file (`thinklens think` writes one): "
                       "study these completions as they are, generating nothing")
-    r.add_argument("--n-problems", type=int, default=4,
-                   help="problems thought about and shown (default: %(default)s)")
+    r.add_argument("--n-problems", type=int, default=None,
+                   help="problems thought about (or traces studied); default 24 of the 40 "
+                        "bundled problems (4 example prompts for the organism)")
     r.add_argument("--max-new-tokens", type=int, default=None,
                    help="thinking budget per problem (default: 96 organism, 160 others)")
     r.add_argument("--formats", default="pdf,svg",
