@@ -111,7 +111,8 @@ def plot_dynamics(dyn: Any, key: str, heads: Sequence[tuple[int, int]] | None = 
         raise ConfigError(f"checkpoints {dyn.labels} need training steps for this axis")
     curve = list(curve if curve is not None else dyn.curve)
     n = 3 if curve else 1
-    titles = (["training loss", "held-out accuracy (thinking)"] if curve else []) + [key]
+    label = f"{key[6:]} score" if key.startswith("heads.") else key
+    titles = (["training loss", "held-out accuracy (thinking)"] if curve else []) + [label]
     fig = make_subplots(rows=n, cols=1, shared_xaxes=True, subplot_titles=titles,
                         vertical_spacing=0.08)
     if curve:
@@ -140,7 +141,7 @@ def plot_dynamics(dyn: Any, key: str, heads: Sequence[tuple[int, int]] | None = 
             fig.add_vrect(x0=steps[k], x1=steps[k + 1], fillcolor="#999", opacity=0.15,
                           line_width=0, row=r, col=1)
     fig.update_xaxes(title_text="training step", row=n, col=1)
-    fig.update_layout(height=260 * n, title_text=f"{key} across training")
+    fig.update_layout(height=260 * n, title_text=f"{label} across training")
     return theme.apply(fig, size=size)
 
 
