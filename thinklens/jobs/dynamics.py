@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import re
@@ -53,6 +54,7 @@ from thinklens.figures import export
 from thinklens.hooks._fileio import append_jsonl, atomic_path, atomic_write_json, read_jsonl
 from thinklens.hooks.model import load
 from thinklens.hooks.task import model_folder, registered_models
+from thinklens.hooks.trace import Trace
 from thinklens.plots.dynamics import plot_checkpoint_heads, plot_dynamics
 
 _STEP = re.compile(r"^(?:step|checkpoint|ckpt)[-_]?(\d+)$")
@@ -134,14 +136,24 @@ class Measure:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def heads_measure(kinds: Sequence[str] | None = None, **kw: Any) -> Measure:
+def heads_measure(kinds: Sequence[str] | None = None, *,
+                  texts: Sequence[tuple[str, str]] | None = None, **kw: Any) -> Measure:
     """Every head's scores (:func:`thinklens.circuits.head_scores`); keys ``heads.KIND``
-    (``[layer, head]`` lists) and ``rows.KIND`` (query rows scored)."""
+    (``[layer, head]`` lists) and ``rows.KIND`` (query rows scored).
+
+    ``texts``: ``(prompt, completion)`` pairs teacher-forced at every checkpoint instead of
+    the task's correct completions, e.g. thinking with ``wait`` steps, whose backtracking
+    lookups (``correction_copy``, ``corrected_copy``) the second organism's truth scores.
+    """
+    pairs = [(str(a), str(b)) for a, b in texts] if texts is not None else None
+
     def fn(model: Any) -> dict[str, Any]:
-        s = head_scores(model, kinds, **kw)
+        traces = [Trace.from_text(model, a, b) for a, b in pairs] if pairs else None
+        s = head_scores(model, kinds, traces=traces, **kw)
         return {**{f"heads.{k}": v.tolist() for k, v in s.scores.items()},
                 **{f"rows.{k}": s.counts[k] for k in s.kinds}}
-    return Measure("heads", fn, {"kinds": list(kinds) if kinds else None, **kw})
+    digest = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16] if pairs else None
+    return Measure("heads", fn, {"kinds": list(kinds) if kinds else None, "texts": digest, **kw})
 
 
 def icl_measure(early: int = 50, late: int = 500, *, inputs: Sequence[Any] | None = None,
