@@ -243,7 +243,9 @@ def _parser() -> argparse.ArgumentParser:
                         description="Answer accuracy with thinking and direct (empty thinking), "
                         "by chain depth, and the accuracy of every value the thinking writes, on "
                         "held-out problems.")
-    e.add_argument("--model", default="organism", help="model spec (default: organism)")
+    e.add_argument("--model", default="organism",
+                   help="model spec(s), comma-separated (default: organism; the second "
+                   "organism: organism-backtrack; both: organism,organism-backtrack)")
     e.add_argument("--checkpoint", type=int, default=None, help="a shipped checkpoint's step")
     e.add_argument("--n", type=int, default=1000, help="problems per depth (default: 1000)")
     e.add_argument("--depths", default="1,2,3,4")
@@ -371,16 +373,23 @@ def _organism_ship(args) -> int:
 
 
 def _organism_eval(args) -> int:
-    model = load(args.model, checkpoint=args.checkpoint) if args.model == "organism" else \
-        load(args.model)
-    t0 = time.time()
-    res = evaluate(model, depths=[int(d) for d in args.depths.split(",")], n=args.n)
-    if args.json:
-        _say(json.dumps(as_json(res), indent=1))
-    else:
-        _say(table(res))
-        _say(f"({model.name}, {args.n} held-out problems per depth, {time.time() - t0:.0f} s)")
+    specs = [s.strip() for s in args.model.split(",") if s.strip()]
+    results = {}
+    for spec in specs:
+        model = load(spec, checkpoint=args.checkpoint) if spec in ORGANISMS else load(spec)
+        t0 = time.time()
+        res = evaluate(model, depths=[int(d) for d in args.depths.split(",")], n=args.n)
+        results[spec] = as_json(res)
+        if not args.json:
+            _say(table(res))
+            _say(f"({model.name}, {args.n} held-out problems per depth, "
+                 f"{time.time() - t0:.0f} s)")
+    if args.json:  # one model: its rows; several: {spec: rows}
+        _say(json.dumps(results[specs[0]] if len(specs) == 1 else results, indent=1))
     return 0
+
+
+ORGANISMS = ("organism", "organism-backtrack")  # names whose shipped checkpoints load
 
 
 COMMANDS = {"demo": _demo, "think": _think, "capture": _capture, "sites": _sites, "probe": _probe,
