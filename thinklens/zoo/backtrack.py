@@ -205,9 +205,9 @@ class BehaviourRates:
 
     n_traces: int
     detour: float            # traces whose thinking computes the distractor chain
-    mistake: float           # wrong values per compute step (corrections not counted)
+    mistake: float           # wrong values per value written (corrections not counted)
     corrected: float         # mistakes followed by a correction, per mistake
-    uncorrected: float       # mistakes left standing, per compute step
+    uncorrected: float       # mistakes left standing, per value written
     spurious_wait: float     # correction sentences not after a mistake, per trace
     corrections: float       # correction sentences per trace
     answer_changed: float    # traces whose implied answer differs from the true one
@@ -233,7 +233,7 @@ def behaviour_rates(traces: list[Any]) -> BehaviourRates:
         for k, s in enumerate(truths):
             roles[s.role] = roles.get(s.role, 0) + 1
             is_fix = s.text.split()[:1] == [WAIT]
-            steps += s.kind == "compute" and not is_fix
+            steps += s.written is not None and not is_fix
             mistakes += s.role == "mistake" and not is_fix
             fixed += s.role == "mistake" and not is_fix and s.corrected
             corrections += s.role == "correction"
@@ -337,6 +337,15 @@ class BacktrackTask(OrganismTask):
 
     def sentence_truth(self, trace: Any) -> list:
         return sentence_truth(trace)
+
+    def attention_targets(self, trace: Any) -> dict[str, list[tuple[int, list[int]]]]:
+        """The first organism's kinds, from this task's truth: ``lookup`` (each resolve
+        step's ``=`` to its prompt statement) and ``operand_copy`` (each compute step's
+        first ``=``, corrections included, to the latest value written for its operand;
+        steps whose operand was never written are left out)."""
+        out = super().attention_targets(trace)
+        out["operand_copy"] = [(q, keys) for q, keys in out["operand_copy"] if min(keys) >= 0]
+        return out
 
     def completion(self, prompt: str) -> str:
         problem = problem_from_prompt(prompt)

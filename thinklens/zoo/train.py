@@ -51,6 +51,7 @@ PAD, BOS, EOS, THINK, END_THINK = (VOCAB[t] for t in
 KINDS = {"variable-binding": (TaskConfig, generate, ()),
          "backtrack": (backtrack_task.BacktrackConfig, backtrack_task.generate,
                        (backtrack_task.WAIT,))}
+AnyProblem = Problem | backtrack_task.BacktrackProblem
 NEW_FIELDS = {"kind": "variable-binding", "context": 256, "micro_batch": 0}  # runs before them
 
 
@@ -105,13 +106,13 @@ def _model_config(cfg: TrainConfig) -> LlamaConfig:
     )
 
 
-def _encode(p: Problem, vocab: dict[str, int] = VOCAB) -> tuple[list[int], int]:
+def _encode(p: AnyProblem, vocab: dict[str, int] = VOCAB) -> tuple[list[int], int]:
     """Token ids of the full sequence and the index of the first completion token."""
     prompt = [BOS] + [vocab[t] for t in p.prompt_tokens()] + [THINK]
     return prompt + [vocab[t] for t in p.completion.split()], len(prompt)
 
 
-def _make_batch(problems: list[Problem], vocab: dict[str, int] = VOCAB
+def _make_batch(problems: list[AnyProblem], vocab: dict[str, int] = VOCAB
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(input_ids [b, T], attention_mask [b, T], labels [b, T])``, right-padded."""
     rows = [_encode(p, vocab) for p in problems]
@@ -127,14 +128,14 @@ def _make_batch(problems: list[Problem], vocab: dict[str, int] = VOCAB
     return ids, mask, labels
 
 
-def _batch_problems(cfg: TrainConfig, step: int) -> list[Problem]:
+def _batch_problems(cfg: TrainConfig, step: int) -> list[AnyProblem]:
     rng = random.Random(cfg.seed * 1_000_003 + step)
     gen = KINDS[cfg.kind][1]
     return [gen(rng, cfg.task, direct=rng.random() < cfg.direct_frac)
             for _ in range(cfg.batch_size)]
 
 
-def _heldout(cfg: TrainConfig, depth: int, n: int, direct: bool = False) -> list[Problem]:
+def _heldout(cfg: TrainConfig, depth: int, n: int, direct: bool = False) -> list[AnyProblem]:
     """Held-out problems: a seed stream disjoint from training's (negative offsets).
 
     Backtrack problems carry the plain thinking (no detour, no mistake): the one greedy
@@ -165,7 +166,7 @@ def _loss(model: LlamaForCausalLM, cfg: TrainConfig, problems: list) -> torch.Te
 
 
 @torch.no_grad()
-def _exact_match(model: LlamaForCausalLM, problems: list[Problem], chunk: int = 250,
+def _exact_match(model: LlamaForCausalLM, problems: list[AnyProblem], chunk: int = 250,
                  vocab: dict[str, int] = VOCAB) -> float:
     """Fraction of problems whose whole completion is reproduced by greedy decoding."""
     hits = 0
