@@ -24,6 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from thinklens.errors import SiteError, did_you_mean
+from thinklens.hooks.reprs import compact_repr
 
 RAGGED = ("pos", "query_pos", "query_sentence", "sentence")  # first found is the ragged axis
 
@@ -58,6 +59,8 @@ class SiteActivations:
     ragged axis (:func:`ragged_axis`); ``positions[i]`` the token index of each row
     along it (-1 on padding; None for sentence attention). ``values`` is 0 on padding.
     """
+
+    __repr__ = compact_repr  # shapes, not whole tensors (hooks/reprs.py)
 
     key: str
     values: Float[Tensor, "trace *axes"]  # noqa: F821  (jaxtyping dims, not names)

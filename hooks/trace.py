@@ -56,6 +56,7 @@ from thinklens.errors import (
     TokenizerMismatchError,
 )
 from thinklens.hooks._fileio import atomic_write_text
+from thinklens.hooks.reprs import compact_repr
 from thinklens.hooks.segment import (
     Annotator,
     Segmenter,
@@ -123,6 +124,8 @@ class Trace:
         positions(trace, "sentence_ends")                # tensor([12]), shape (pos,)
         Trace.load(trace.to_json("t.json")) == trace     # True
     """
+
+    __repr__ = compact_repr  # shapes, not whole tensors (hooks/reprs.py)
 
     model_name: str
     tokenizer_id: str

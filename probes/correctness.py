@@ -36,6 +36,7 @@ from torch import Tensor
 
 from thinklens.errors import ConfigError
 from thinklens.hooks import forward as fwd
+from thinklens.hooks.reprs import compact_repr
 from thinklens.hooks.trace import Span, Trace
 from thinklens.probes.data import ProbeData, split_traces
 from thinklens.probes.lens import answer_ids, first_answer_token, layer_sites
@@ -50,6 +51,8 @@ CHUNKINGS = ("keywords", "sentences")
 @dataclass
 class EarlyExitCurve:
     """Tokens saved and accuracy per confidence threshold (axis ``threshold``)."""
+
+    __repr__ = compact_repr  # shapes, not whole tensors (hooks/reprs.py)
 
     thresholds: Float[Tensor, " threshold"]  # noqa: F722
     tokens_saved: Float[Tensor, " threshold"]  # noqa: F722
@@ -71,6 +74,8 @@ class CorrectnessResult:
     ``labels[i]`` and ``chunks[i]`` cover every trace; ``confidence[k]`` is the probe's
     output on the chunks of test trace ``test_traces[k]``.
     """
+
+    __repr__ = compact_repr  # shapes, not whole tensors (hooks/reprs.py)
 
     curve: EarlyExitCurve
     test: dict[str, float]

@@ -44,6 +44,7 @@ from torch import Tensor
 from thinklens.errors import ConfigError
 from thinklens.hooks.positions import POSITION_SELECTORS
 from thinklens.hooks.positions import positions as select_positions
+from thinklens.hooks.reprs import compact_repr
 
 LEVELS = ("trace", "sentence", "token")     # what a label is attached to
 TASKS = ("classification", "regression")
@@ -62,6 +63,8 @@ class ProbeData:
         data.classes                 # [0, 1, ..., 9]: y indexes these
         data.groups[:3]              # tensor([0, 0, 1]): trace of each row
     """
+
+    __repr__ = compact_repr  # shapes, not whole tensors (hooks/reprs.py)
 
     X: Float[Tensor, "site n d"]  # noqa: F722
     y: Shaped[Tensor, " n"]  # noqa: F722

@@ -36,6 +36,7 @@ from torch import Tensor
 from thinklens.errors import ConfigError
 from thinklens.hooks import forward as fwd
 from thinklens.hooks.positions import positions_of, warn_lacking
+from thinklens.hooks.reprs import compact_repr
 from thinklens.hooks.trace import Trace
 from thinklens.probes.data import ProbeData, split_traces
 from thinklens.probes.linear import fit_probe
@@ -50,6 +51,8 @@ class LensResult:
     ``layers`` labels the layer axis with site names, ``positions[t, p]`` is the token
     index of row ``p`` of trace ``t`` and ``tokens[t][p]`` its text.
     """
+
+    __repr__ = compact_repr  # shapes, not whole tensors (hooks/reprs.py)
 
     rank: Int[Tensor, "trace layer pos"]  # noqa: F722
     prob: Float[Tensor, "trace layer pos"]  # noqa: F722
@@ -66,6 +69,8 @@ class LensResult:
 @dataclass
 class AnswerProbeResult:
     """Test accuracy of answer probes per ``[layer, bin]``, with a shuffled-label control."""
+
+    __repr__ = compact_repr  # shapes, not whole tensors (hooks/reprs.py)
 
     accuracy: Float[Tensor, "layer bin"]  # noqa: F722
     control: Float[Tensor, "layer bin"]  # noqa: F722

@@ -27,6 +27,7 @@ from jaxtyping import Float, Shaped
 from torch import Tensor
 
 from thinklens.errors import ConfigError
+from thinklens.hooks.reprs import compact_repr
 
 from . import metrics as _metrics
 from ._fit import FittedParams, fit_params, probe_output, row_weights, standardize
@@ -50,6 +51,8 @@ class ProbeResult:
         res.best_site                          # 'blocks.3.hook_resid_post'
         res.predict_proba(data.X).shape        # (site, n, class)
     """
+
+    __repr__ = compact_repr  # shapes, not whole tensors (hooks/reprs.py)
 
     sites: list[str]
     kind: str

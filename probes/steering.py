@@ -17,7 +17,17 @@ in thinking language models via steering vectors").
 
 3. **Steer** (:func:`steer`): add ``alpha * v`` to ``blocks.L.hook_resid_post`` at every
    position, while generating, inside a ``with`` block (hooks removed on exit, also
-   after an exception).
+   after an exception). A fixed ``alpha`` means a different push on every model (the
+   residual's mean norm grows with width and depth: 5 to 27 over the organism's 4 layers,
+   110 to 480 over SmolLM2-135M's layers 5 to 25), so ``strength`` gives the added vector's norm as a fraction of the
+   mean residual norm at the site over the positions the vector was averaged on
+   (``SteeringVector.resid_norm``): ``alpha = strength * resid_norm / |v|``. How to
+   choose it: sweep ``strengths`` with :func:`dose_response` from 0 and keep the largest
+   that still moves the behaviour while the text stays fluent. Seen on SmolLM2-135M
+   (layer 15, a ``computation`` diff-means vector): strengths 0.05-0.2 change the
+   completion and keep it fluent, 0.5 breaks it ("... in a00 is 17 ..."), 1.0 writes
+   only "0000..."; the old example's ``alpha = 4`` was strength 0.95 there. So the
+   default sweep is ``(0, 0.05, 0.1, 0.2)``.
 4. **Dose-response** (:func:`dose_response`): generate for every ``alpha`` and measure the
    fraction of thinking sentences carrying the tag (or any per-trace metric), the answer
    accuracy and the thinking length.
@@ -37,6 +47,7 @@ from torch import Tensor
 from thinklens.errors import ConfigError
 from thinklens.hooks import forward as fwd
 from thinklens.hooks.activations import SiteActivations
+from thinklens.hooks.reprs import compact_repr
 from thinklens.hooks.sites import layer_of
 from thinklens.hooks.trace import Trace
 from thinklens.probes.lens import first_answer_token
@@ -49,12 +60,22 @@ WINDOW = (-1, 10)  # Venhoff et al.: [start - 1, start + 10) of each span
 class SteeringVector:
     """A direction in the residual stream at ``site``; ``vector`` is ``[d_model]``."""
 
+    __repr__ = compact_repr  # shapes, not whole tensors (hooks/reprs.py)
+
     vector: Float[Tensor, " d_model"]  # noqa: F722
     site: str
     label: Any
     method: str
     n_label: int  # positions averaged for the label
     n_base: int   # positions averaged for the baseline
+    resid_norm: float = float("nan")  # mean L2 norm of the residual at those positions
+
+    def alpha_for(self, strength: float) -> float:
+        """The ``alpha`` at which ``alpha * vector`` has norm ``strength * resid_norm``."""
+        if not self.resid_norm == self.resid_norm:  # nan: made without the norms
+            raise ConfigError("this steering vector has no resid_norm; rebuild it with "
+                              "steering_vector(...) or give alpha=")
+        return float(strength) * self.resid_norm / max(float(self.vector.norm()), 1e-12)
 
     @property
     def layer(self) -> int:
@@ -64,6 +85,8 @@ class SteeringVector:
 @dataclass
 class DoseResponse:
     """Behaviour per steering strength (axis ``alpha``); ``nan`` where not measured."""
+
+    __repr__ = compact_repr  # shapes, not whole tensors (hooks/reprs.py)
 
     alphas: Float[Tensor, " alpha"]  # noqa: F722
     frequency: Float[Tensor, " alpha"]  # noqa: F722
@@ -120,10 +143,12 @@ def steering_vector(source, traces, label: Any, layer: int | None = None, *,
         raise ConfigError(f"no position carries label {label!r}; sentence tags found: {found}")
     sums: list[Tensor | None] = [None, None]
     counts = [0, 0]
+    norms = [0.0]  # sum of the rows' L2 norms, for resid_norm
 
     def add(rows: Tensor, which: int) -> None:
         sums[which] = rows.sum(0) if sums[which] is None else sums[which] + rows.sum(0)
         counts[which] += len(rows)
+        norms[0] += float(rows.norm(dim=-1).sum())
 
     if isinstance(source, SiteActivations):
         for i, (pos, base) in enumerate(sets):
@@ -144,7 +169,8 @@ def steering_vector(source, traces, label: Any, layer: int | None = None, *,
     v = mean_label - mean_base
     if method == "venhoff":
         v = v / v.norm().clamp_min(1e-12) * mean_base.norm()
-    return SteeringVector(v.float(), site, label, method, counts[0], counts[1])
+    return SteeringVector(v.float(), site, label, method, counts[0], counts[1],
+                          norms[0] / (counts[0] + counts[1]))
 
 
 def _spans(trace: Trace, label: Any, token_labels: Callable | None) -> list[tuple[int, int]]:
@@ -180,15 +206,26 @@ def _position_sets(trace: Trace, label: Any, method: str, token_labels: Callable
 
 @contextlib.contextmanager
 def steer(model, vector: SteeringVector | Tensor, layer: int | None = None,
-          alpha: float = 1.0) -> Iterator[Any]:
+          alpha: float = 1.0, *, strength: float | None = None) -> Iterator[Any]:
     """Add ``alpha * vector`` to ``blocks.{layer}.hook_resid_post`` at every position.
 
     Example::
 
-        with steer(model, v, alpha=4.0):          # layer from v; or steer(model, tensor, 1, 4.0)
+        with steer(model, v, strength=0.1):        # |added| = 0.1 x the residual's mean norm
+            trace = model.think(prompt)
+        with steer(model, v, alpha=1.0):           # or an absolute scale; steer(model, t, 1, 1.0)
             trace = model.think(prompt)
         model.n_hooks()                            # 0: removed on exit, even after an error
+
+    ``strength`` (a :class:`SteeringVector` only) scales the added vector to that fraction
+    of the mean residual norm at the site (``vector.resid_norm``), so one value means the
+    same push on every model; see the module docstring, step 3, for how to choose it.
     """
+    if strength is not None:
+        if not isinstance(vector, SteeringVector):
+            raise ConfigError("strength= needs a SteeringVector (it knows the residual norm "
+                              "at its site); give alpha= when steering with a bare tensor")
+        alpha = vector.alpha_for(strength)
     if isinstance(vector, SteeringVector):
         site = vector.site if layer is None else f"blocks.{layer}.hook_resid_post"
         vector = vector.vector
@@ -208,8 +245,12 @@ def steer(model, vector: SteeringVector | Tensor, layer: int | None = None,
         yield model
 
 
+STRENGTHS = (0.0, 0.05, 0.1, 0.2)  # default dose_response sweep: fractions of resid_norm
+
+
 def dose_response(model, prompts: Sequence[str], vector: SteeringVector | Tensor,
-                  layer: int | None = None, alphas: Sequence[float] = (0, 2, 4, 8), *,
+                  layer: int | None = None, alphas: Sequence[float] | None = None, *,
+                  strengths: Sequence[float] | None = None,
                   metric: str | Callable[[Trace], float] | None = None,
                   answers: Sequence | None = None, max_new_tokens: int = 128,
                   temperature: float = 0.0, seed: int = 0) -> DoseResponse:
@@ -217,8 +258,13 @@ def dose_response(model, prompts: Sequence[str], vector: SteeringVector | Tensor
 
     Example::
 
-        dr = dose_response(model, prompts, v, alphas=[0, 2, 4, 8], answers=answers)
+        dr = dose_response(model, prompts, v, answers=answers)   # strengths 0 .. 0.2
         dr.frequency, dr.accuracy     # [alpha] each: fraction of sentences tagged v.label
+        dr = dose_response(model, prompts, v, alphas=[0, 1, 2])   # absolute scales
+
+    ``strengths`` (default :data:`STRENGTHS` when no ``alphas`` are given; a
+    :class:`SteeringVector` only): fractions of the residual's mean norm, turned into
+    ``alphas`` with :meth:`SteeringVector.alpha_for` (``dr.alphas`` holds those).
 
     ``metric``: a tag (default: the vector's label), whose pooled frequency over all
     thinking sentences is reported, or ``metric(trace) -> float``, averaged over traces.
@@ -230,6 +276,15 @@ def dose_response(model, prompts: Sequence[str], vector: SteeringVector | Tensor
         metric = vector.label
     if answers is not None and len(answers) != len(prompts):
         raise ConfigError(f"{len(answers)} answers for {len(prompts)} prompts; give one each")
+    if alphas is not None and strengths is not None:
+        raise ConfigError("give alphas= (absolute) or strengths= (fractions of the residual "
+                          "norm), not both")
+    if alphas is None:
+        if not isinstance(vector, SteeringVector):
+            raise ConfigError("give alphas= when steering with a bare tensor (strengths= "
+                              "need a SteeringVector, which knows the residual norm)")
+        alphas = [vector.alpha_for(s) for s in (strengths if strengths is not None
+                                                else STRENGTHS)]
     freq, acc, length, runs = [], [], [], []
     for alpha in alphas:
         with steer(model, vector, layer, alpha):
@@ -254,4 +309,5 @@ def dose_response(model, prompts: Sequence[str], vector: SteeringVector | Tensor
                         runs)
 
 
-__all__ = ["SteeringVector", "DoseResponse", "steering_vector", "steer", "dose_response"]
+__all__ = ["SteeringVector", "DoseResponse", "steering_vector", "steer", "dose_response",
+           "STRENGTHS"]

@@ -18,6 +18,12 @@
    row weights of the *shuffled* labels (so ``class_weight="balanced"`` balances the
    control's classes too) and scored on the true test labels. Its accuracy is what a probe
    gets from the label prior and from memorising training rows (R² for regression).
+   For regression the control's test R² is often far below 0 (a probe that memorised
+   shuffled targets predicts worse than their mean: -6.98 was seen on 24 traces), and
+   ``R² - control R²`` would then exceed 1 and mean nothing. Predicting the training
+   mean scores R² ≈ 0 with no representation at all, so regression selectivity is
+   ``R² - max(control R², 0)``: at most R², 0 when the probe does no better than the
+   better of the mean and the control. ``control["r2"]`` keeps the raw control R².
 4. **Bootstrap** (Efron & Tibshirani 1993): resample the *test traces* with replacement
    ``n_boot`` times; each resample is a row weighting, so every metric of every probe and
    resample comes from one weighted, vectorised call
@@ -36,6 +42,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from thinklens.errors import ConfigError
+from thinklens.hooks.reprs import compact_repr
 
 from . import metrics as _metrics
 from ._fit import fit_params, probe_output, row_weights, standardize
@@ -57,7 +64,11 @@ class SweepResult:
     ``metrics``, ``train`` and ``control`` map a metric name to its test value, train value
     and control probe's test value; ``ci`` maps a metric (and ``"selectivity"``,
     ``"control"``) to its 95 % bootstrap interval ``[low, high]`` in the last axis.
+    ``selectivity`` is accuracy - control accuracy, or for regression
+    R² - max(control R², 0) (module docstring, step 3).
     """
+
+    __repr__ = compact_repr  # shapes, not whole tensors (hooks/reprs.py)
 
     sites: list[str]
     positions: list[int | str]
@@ -210,8 +221,11 @@ def sweep(acts, sites: str | Sequence[str] = "blocks.*.hook_resid_post", labels:
 
     ci = {k: grid(_metrics.percentile_ci(v[:, 0])) for k, v in boot.items()}
     if control:
-        selectivity = point[main][:, 0] - point[main][:, 1]
-        ci["selectivity"] = grid(_metrics.percentile_ci(boot[main][:, 0] - boot[main][:, 1]))
+        base, boot_base = point[main][:, 1], boot[main][:, 1]
+        if d0.task == "regression":  # see the module docstring, step 3: baseline R² >= 0
+            base, boot_base = base.clamp(min=0), boot_base.clamp(min=0)
+        selectivity = point[main][:, 0] - base
+        ci["selectivity"] = grid(_metrics.percentile_ci(boot[main][:, 0] - boot_base))
         ci["control"] = grid(_metrics.percentile_ci(boot[main][:, 1]))
         ctrl = {k: grid(v[:, 1]) for k, v in point.items()}
     else:

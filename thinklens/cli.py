@@ -410,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"thinklens: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # one line, not a traceback: what is saved, how to go on
-        print(f"thinklens: interrupted; {_interrupted(name, args)}", file=sys.stderr)
+        given = sys.argv[1:] if argv is None else list(argv)
+        print(f"thinklens: interrupted; {_interrupted(name, args, given)}", file=sys.stderr)
         return 130
 
 
@@ -418,9 +419,9 @@ RESUMABLE = {"capture": "out", "think": "out", "demo": "out", "probe": "config",
              "organism train": "out"}
 
 
-def _interrupted(name: str, args) -> str:
+def _interrupted(name: str, args, argv: list[str]) -> str:
     """What an interrupted command saved and the command that resumes it (or reruns it)."""
-    again = shlex.join(["thinklens", *sys.argv[1:]]) if sys.argv[1:] else f"thinklens {name}"
+    again = shlex.join(["thinklens", *argv])
     if name not in RESUMABLE:
         return f"{name} saves nothing before it finishes; rerun: {again}"
     try:

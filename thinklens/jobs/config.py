@@ -33,6 +33,7 @@ Every section and key, with its default (``REQUIRED`` keys have none)::
     sites = "blocks.*.hook_resid_post"  # default: every captured site
     positions = [0]                     # int offsets from the labelled token (or selectors)
     kind = "logistic"                   # logistic | ridge | mlp
+    task = "auto"                       # auto | classification | regression (see below)
     l2 = 1.0
     class_weight = "balanced"           # default: none
     control = true
@@ -42,6 +43,12 @@ Every section and key, with its default (``REQUIRED`` keys have none)::
 
     [output]
     figures = ["html"]                  # html | svg | pdf | png (pdf/svg/png need Chromium)
+
+A probe's ``task``: ``"auto"`` makes numeric labels regression targets under
+``kind = "ridge"`` (a ridge probe of ``field:KEY`` integers predicts the number) and
+classes otherwise (integers under ``logistic``/``mlp`` are classes, as are strings);
+``"classification"`` or ``"regression"`` say so outright. A regression probe's
+selectivity is R² - max(control R², 0) (:mod:`thinklens.probes.sweeps`).
 
 Unknown sections or keys, wrong types and values outside the allowed set are refused
 before anything runs, with the key, the bad value and the valid choices. A label name is
@@ -71,6 +78,7 @@ from . import labels as _labels
 
 REQUIRED = object()
 KINDS = ("logistic", "ridge", "mlp")
+TASKS = ("auto", "classification", "regression")
 DTYPES = ("float32", "float16", "bfloat16")
 FIGURES = ("html", "svg", "pdf", "png")
 SCHEDULE_KEYS = ("generate.batch_size",)  # greedy only: see the module docstring
@@ -89,7 +97,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                 "chunk": ((int,), 32, None), "budget": ((str,), None, None)},
     "probe": {"name": ((str,), REQUIRED, None), "labels": ((str,), REQUIRED, None),
               "sites": ((list, str), None, None), "positions": ((list,), [0], None),
-              "kind": ((str,), "logistic", KINDS), "l2": ((float, int), 1.0, None),
+              "kind": ((str,), "logistic", KINDS), "task": ((str,), "auto", TASKS),
+              "l2": ((float, int), 1.0, None),
               "class_weight": ((str,), None, ("balanced",)), "control": ((bool,), True, None),
               "n_boot": ((int,), 200, None), "test_frac": ((float,), 0.25, None),
               "seed": ((int,), 0, None)},

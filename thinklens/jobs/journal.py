@@ -157,30 +157,32 @@ def run_capture(model: Any, records: Sequence[tuple[str, str]], out: str | os.Pa
     line = {pid: k for k, (pid, _) in enumerate(records)}
     bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="prompts",
                unit="prompt", disable=not progress)
-    for start in range(0, len(todo), chunk):
-        part = todo[start: start + chunk]
-        fresh = [(pid, p) for pid, p in part if pid not in pending]
-        if fresh:
-            made = model.think_batch([p for _, p in fresh], max_new_tokens=max_new_tokens,
-                                     temperature=temperature, thinking=thinking,
-                                     seed=None if seed is None else
-                                     [seed + line[pid] for pid, _ in fresh],
-                                     batch_size=generate_batch_size, progress=False)
-            for (pid, _), tr in zip(fresh, made):
-                tr.meta["id"] = pid
-                pending[pid] = tr
-            append_jsonl(journal, [tr.to_dict() for tr in made])
-        kill_point("journaled")
-        store = model.capture([pending[pid] for pid, _ in part], sites=keys,
-                              positions=positions, attention=attention, dtype=dtype,
-                              store=store if store is not None else out,
-                              batch_size=batch_size, budget=budget, progress=False)
-        kill_point("capture-chunk")
-        bar.update(len(part))
-        if log is not None:
-            log(f"stored {len(store)} of {len(records)} traces in {out} "
-                f"({len(fresh)} generated this round)")
-    bar.close()
+    try:  # the bar ends its line before an interrupt's message (cli.py) is printed
+        for start in range(0, len(todo), chunk):
+            part = todo[start: start + chunk]
+            fresh = [(pid, p) for pid, p in part if pid not in pending]
+            if fresh:
+                made = model.think_batch([p for _, p in fresh], max_new_tokens=max_new_tokens,
+                                         temperature=temperature, thinking=thinking,
+                                         seed=None if seed is None else
+                                         [seed + line[pid] for pid, _ in fresh],
+                                         batch_size=generate_batch_size, progress=False)
+                for (pid, _), tr in zip(fresh, made):
+                    tr.meta["id"] = pid
+                    pending[pid] = tr
+                append_jsonl(journal, [tr.to_dict() for tr in made])
+            kill_point("journaled")
+            store = model.capture([pending[pid] for pid, _ in part], sites=keys,
+                                  positions=positions, attention=attention, dtype=dtype,
+                                  store=store if store is not None else out,
+                                  batch_size=batch_size, budget=budget, progress=False)
+            kill_point("capture-chunk")
+            bar.update(len(part))
+            if log is not None:
+                log(f"stored {len(store)} of {len(records)} traces in {out} "
+                    f"({len(fresh)} generated this round)")
+    finally:
+        bar.close()
     if store is None:
         store = Store.open(out, verify="size")
     if journal.exists() and all(pid in store for pid in pending):

@@ -27,6 +27,9 @@ Every file is written to a temporary name and renamed into place. The capture se
 are recorded in ``OUT/study.json``; rerunning into the same folder with different ones
 is refused (their stored activations would not match), naming the changed keys, except
 batching settings that do not change the traces (:data:`thinklens.jobs.config.SCHEDULE_KEYS`).
+Settings bind only once a run kept some work (a stored or journaled trace, a probe
+result): a run that failed before that (a site typo, a missing prompts file) leaves
+nothing that blocks the corrected rerun.
 Progress goes to tqdm bars and to ``log`` (a callable taking one line), never to stdout.
 """
 
@@ -56,7 +59,7 @@ from thinklens.probes import sweep
 
 from . import labels as _labels
 from .config import SCHEDULE_KEYS, load_config
-from .journal import read_prompts, run_capture
+from .journal import PENDING, read_prompts, run_capture
 
 STAGE_KEYS = ("model", "prompts", "generate", "capture")
 Log = Callable[[str], None]
@@ -103,9 +106,19 @@ def _changed(old: dict, new: dict) -> list[str]:
                   if old.get(s, {}).get(k) != new[s].get(k) and f"{s}.{k}" not in skip)
 
 
+def _stored_anything(out: Path) -> bool:
+    """Whether an earlier run into ``out`` kept any work: traces stored or journaled (also
+    in a rank's shard), or a probe result."""
+    folders = [out / "store", *sorted((out / "shards").glob("rank*"))]
+    return any((d / "manifest.json").exists() or (d / PENDING).exists() for d in folders) \
+        or any((out / "results").glob("*.json"))
+
+
 def _check_state(out: Path, cfg: dict[str, Any], rank: int) -> None:
     state = {k: cfg[k] for k in STAGE_KEYS}
     file = out / "study.json"
+    if file.exists() and not _stored_anything(out):
+        file.unlink(missing_ok=True)  # a run that failed before storing anything binds nothing
     if file.exists():
         changed = _changed(json.loads(file.read_text())["capture_config"], state)
         if changed:
@@ -199,6 +212,18 @@ def _figures(result, name: str, out: Path, formats: list[str]) -> list[str]:
     return written
 
 
+def _task(p: dict, labels: Any) -> str | None:
+    """The probe's task (config key ``task``): ``"auto"`` makes numeric labels regression
+    targets under ``kind = "ridge"``, else leaves it to the labels' types (None)."""
+    if p.get("task", "auto") != "auto":
+        return p["task"]
+    if p["kind"] != "ridge" or callable(labels):
+        return None
+    flat = [v for x in labels for v in (x if isinstance(x, list) else [x]) if v is not None]
+    numeric = flat and all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat)
+    return "regression" if numeric else None
+
+
 def _probe(store, p: dict, rows: list[dict], out: Path, formats: list[str], task: Any) -> dict:
     key = _digest({"probe": p, "traces": store.trace_ids, "sites": store.keys})
     file = out / "results" / f"{p['name']}.json"
@@ -214,7 +239,7 @@ def _probe(store, p: dict, rows: list[dict], out: Path, formats: list[str], task
     res = sweep(store, p["sites"] or store.keys, lab.labels, level=lab.level,
                 positions=p["positions"], kind=p["kind"], l2=float(p["l2"]),
                 class_weight=p["class_weight"], control=p["control"], n_boot=p["n_boot"],
-                test_frac=p["test_frac"], seed=p["seed"])
+                test_frac=p["test_frac"], seed=p["seed"], task=_task(p, lab.labels))
     pos, site = res.best()
     k, s = res.positions.index(pos), res.sites.index(site)
     main = res.main_metric
@@ -238,7 +263,8 @@ def _describe(name: str, record: dict) -> str:
     """One line about a probe's result, as ``thinklens probe`` reports it."""
     s = record["summary"]
     main = "accuracy" if "accuracy" in s else "r2"
-    ctrl = (f" (control {s['control']:.3f}, selectivity {s['selectivity']:.3f})"
+    clip = ", control R² taken as 0 when below" if main == "r2" else ""
+    ctrl = (f" (control {s['control']:.3f}, selectivity {s['selectivity']:.3f}{clip})"
             if s["control"] is not None else "")
     return (f"probe {name!r} ({record['labels']}): {main} {s[main]:.3f}{ctrl} at "
             f"{s['best_site']} position {s['best_position']}, best of {s['n_cells']} cells, "
