@@ -180,6 +180,8 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="organism-backtrack")
     p.add_argument("--out", default=str(RESULTS / "anchors-eval.json"))
     p.add_argument("--journal", default=None)
+    p.add_argument("--summarize-only", action="store_true",
+                   help="write the JSON from the traces the journal holds; measure nothing")
     args = p.parse_args(argv)
     setup_threads(args.threads)
     model = thinklens.load(args.model)
@@ -187,7 +189,8 @@ def main(argv=None) -> dict:
     problems = [dict(r, k=k) for k, r in enumerate(
         model.task.problems(args.traces, depths=depths, seed=args.problem_seed))]
     journal = Path(args.journal or Path(args.out).with_suffix(".jsonl"))
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "journal", "threads")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("out", "journal", "threads", "summarize_only")}
     done = {}
     if journal.exists():
         rows = read_jsonl(journal, repair=True)
@@ -198,7 +201,7 @@ def main(argv=None) -> dict:
     else:
         append_jsonl(journal, [{"settings": settings}])
     t0 = time.perf_counter()
-    for row in problems:
+    for row in [] if args.summarize_only else problems:
         if row["k"] in done:
             continue
         t1 = time.perf_counter()
@@ -208,9 +211,10 @@ def main(argv=None) -> dict:
         done[row["k"]] = rec
         print(f"  trace {row['k'] + 1}/{len(problems)} depth {row['depth']}: "
               f"{len(rec['sentences'])} sentences, {rec['seconds']:.1f} s", flush=True)
-    traces = [done[r["k"]] for r in problems]
+    traces = [done[r["k"]] for r in problems if r["k"] in done]
     out = {"format": "thinklens.anchors-eval/1", "model": args.model, "settings": settings,
            "machine": machine_info(), "traces": traces, "summary": summary_of(traces)}
+    out["summary"]["traces"] = len(traces)
     out["summary"]["cost_s"] = {"this_run": time.perf_counter() - t0,
                                 "all_traces": sum(t["seconds"] for t in traces)}
     atomic_write_text(Path(args.out), json.dumps(out, indent=1, default=str) + "\n")
