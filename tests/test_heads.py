@@ -126,6 +126,8 @@ def test_backtracking_lookups_of_the_second_organism():
     words = [t.strip() for t in tr.tokens]
     step = {q: " ".join(words[q - 2: q + 1]) for q, _ in got["operand_copy"]}
     assert [step[q] for q, _ in got["correction_copy"]] == ["wait k =", "wait f ="]
+    # the operand's source and the mistaken step's operand, 8 tokens before the '='
+    assert [(words[k[0]], k[1] - q) for q, k in got["correction_copy"]] == [("4", -8), ("9", -8)]
     assert [(words[q - 1], words[k[0]]) for q, k in got["corrected_copy"]] == [("j", "8")]
     assert words[got["corrected_copy"][0][1][0] - 7] == "wait"       # the corrected value
     assert len(got["operand_copy"]) == 5 and len(got["lookup"]) == 5

@@ -126,8 +126,9 @@ class OrganismTask(Task):
         position holding its operand's value (positions where the ground truth is known).
         A trace that backtracks (``wait`` steps, the second organism) adds the backtracking
         lookups: ``correction_copy``, the operand copy of each ``wait`` step (the step
-        redone), and ``corrected_copy``, that of each step whose operand was corrected (it
-        must read the correction, not the mistake)."""
+        redone; its operand's value is also in the mistaken step it redoes, so both
+        positions count), and ``corrected_copy``, that of each step whose operand was
+        corrected (it must read the correction, not the mistake)."""
         truth, spans, start = self.token_truth(trace), [], trace.prompt_span.start + 1  # <bos>
         for k in trace.prompt_span.range:
             if trace.tokens[k] == ";":
@@ -138,12 +139,19 @@ class OrganismTask(Task):
         if waits:
             out |= {"correction_copy": [], "corrected_copy": []}
 
-        def opener(pos: int) -> str:  # role of the first token of pos's step
-            if truth[pos] is None:
-                return ""
+        def first(pos: int) -> int:  # the first token of pos's step
             while pos > 0 and truth[pos - 1] is not None and truth[pos - 1].role != "end":
                 pos -= 1
-            return truth[pos].role
+            return pos
+
+        def opener(pos: int) -> str:
+            return truth[first(pos)].role if truth[pos] is not None else ""
+
+        def redone(k: int) -> list[int]:  # the operand of the step a wait step redoes
+            end = first(k) - 1
+            if end < 1 or truth[end - 1] is None:
+                return []
+            return [j for j in range(first(end - 1), end) if truth[j].role == "operand"]
 
         for k, t in enumerate(truth):
             if t is None or t.role != "eq":
@@ -154,7 +162,7 @@ class OrganismTask(Task):
                     and truth[k - 1].role == "var":
                 out["operand_copy"].append((k, [t.source_pos]))
                 if waits and opener(k) == "wait":
-                    out["correction_copy"].append((k, [t.source_pos]))
+                    out["correction_copy"].append((k, sorted({t.source_pos, *redone(k)})))
                 elif waits and opener(t.source_pos) == "wait":
                     out["corrected_copy"].append((k, [t.source_pos]))
         return out
