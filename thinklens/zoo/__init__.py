@@ -14,10 +14,10 @@ detours, errs and backtracks, is :mod:`thinklens.zoo.backtrack` (``sentence_trut
 
 from thinklens.zoo import backtrack
 from thinklens.zoo.backtrack import BACKTRACK, BacktrackTask
-from thinklens.zoo.steer_backtrack import BacktrackSteering, backtrack_steering
 from thinklens.zoo.organism import checkpoints, organism_folder, token_truth, training_curve
 from thinklens.zoo.pairs import change_constant, change_thinking_value, lookup_step, swap_names
 from thinklens.zoo.registry import ORGANISM, OrganismTask, register
+from thinklens.zoo.steer_backtrack import BacktrackSteering, backtrack_steering
 
 register()
 backtrack.register()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,7 +52,8 @@ KINDS = {"variable-binding": (TaskConfig, generate, ()),
          "backtrack": (backtrack_task.BacktrackConfig, backtrack_task.generate,
                        (backtrack_task.WAIT,))}
 AnyProblem = Problem | backtrack_task.BacktrackProblem
-NEW_FIELDS = {"kind": "variable-binding", "context": 256, "micro_batch": 0}  # runs before them
+NEW_FIELDS = {"kind": "variable-binding", "context": 256, "micro_batch": 0, "init_from": "",
+              "init_step": 0}  # the defaults of runs made before these fields
 
 
 @dataclass
@@ -75,6 +76,8 @@ class TrainConfig:
     kind: str = "variable-binding"
     context: int = 256
     micro_batch: int = 0
+    init_from: str = ""   # a checkpoint folder to start from (a second training phase)
+    init_step: int = 0    # its step: this run's steps, checkpoints and batches count on
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -129,7 +132,7 @@ def _make_batch(problems: list[AnyProblem], vocab: dict[str, int] = VOCAB
 
 
 def _batch_problems(cfg: TrainConfig, step: int) -> list[AnyProblem]:
-    rng = random.Random(cfg.seed * 1_000_003 + step)
+    rng = random.Random(cfg.seed * 1_000_003 + cfg.init_step + step)
     gen = KINDS[cfg.kind][1]
     return [gen(rng, cfg.task, direct=rng.random() < cfg.direct_frac)
             for _ in range(cfg.batch_size)]
@@ -228,6 +231,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
     torch.set_num_threads(cfg.threads)  # fixed: float sums depend on the thread count
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(_model_config(cfg))
+    if cfg.init_from:
+        model.load_state_dict(load_file(str(Path(cfg.init_from) / "model.safetensors")))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98),
                             weight_decay=cfg.weight_decay)
     state_path, log_path = out / "state.pt", out / "log.jsonl"
@@ -269,33 +274,41 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: bool = True) -> Path:
                                       vocab=vocab)
                       for d in range(cfg.task.min_depth, cfg.task.max_depth + 1)}
             model.train()
-            row = {"step": step, "loss": sum(losses) / max(1, len(losses)),
+            row = {"step": cfg.init_step + step, "loss": sum(losses) / max(1, len(losses)),
                    "lr": _lr_at(cfg, step - 1), "acc_think": acc, "acc_direct": direct,
                    "seconds": round(time.time() - t0, 1)}
             rows.append(row)
-            save_weights(model, out / f"step-{step:06d}", kind=cfg.kind)
+            save_weights(model, out / f"step-{cfg.init_step + step:06d}", kind=cfg.kind)
             _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(),
                                 "step": step, "torch_rng": torch.get_rng_state(),
                                 "log": json.dumps(rows)}, state_path)
             _write_log(log_path, rows)
-            bar.write(f"step {step}: loss {row['loss']:.4f} think {acc} direct {direct}")
+            bar.write(f"step {cfg.init_step + step}: loss {row['loss']:.4f} think {acc} direct {direct}")
             losses = []
     bar.close()
-    return out / f"step-{cfg.steps:06d}"
+    return out / f"step-{cfg.init_step + cfg.steps:06d}"
 
 
 def ship(run: Path, dest: Path, steps: list[int], final: int | None = None) -> None:
     """Copy a run's final weights and chosen checkpoints into ``dest`` as float16.
 
     Also writes ``curve.json`` (the run's log.jsonl as a list) and ``train_config.json``.
+    A run started from another run's checkpoint (``init_from``) finds earlier steps'
+    checkpoints in that run, and its curve starts with that run's rows up to ``init_step``.
     """
     from transformers import AutoModelForCausalLM
 
     cfg = json.loads((run / "train_config.json").read_text())
-    final = final if final is not None else cfg["steps"]
-    missing = [s for s in [*steps, final] if not (run / f"step-{s:06d}").exists()]
+    final = final if final is not None else cfg.get("init_step", 0) + cfg["steps"]
+    runs = [run] + ([Path(cfg["init_from"]).parent] if cfg.get("init_from") else [])
+
+    def folder(s: int) -> Path | None:
+        return next((r / f"step-{s:06d}" for r in runs if (r / f"step-{s:06d}").exists()), None)
+
+    missing = [s for s in [*steps, final] if folder(s) is None]
     if missing:
-        have = sorted(int(p.name[5:]) for p in run.glob("step-*") if p.name[5:].isdigit())
+        have = sorted(int(p.name[5:]) for r in runs for p in r.glob("step-*")
+                      if p.name[5:].isdigit())
         raise ConfigError(f"run {run} has no checkpoint at steps {missing}; it has {have}")
     dest.mkdir(parents=True, exist_ok=True)
     targets = [(final, dest / "final")] + [(s, dest / "checkpoints" / f"step-{s:06d}")
@@ -307,11 +320,14 @@ def ship(run: Path, dest: Path, steps: list[int], final: int | None = None) -> N
                     f.unlink()
                 old.rmdir()
     for step, target in targets:
-        model = AutoModelForCausalLM.from_pretrained(str(run / f"step-{step:06d}"))
+        model = AutoModelForCausalLM.from_pretrained(str(folder(step)))
         target.parent.mkdir(parents=True, exist_ok=True)
         save_weights(model, target, dtype=torch.float16,
                      kind=cfg.get("kind", "variable-binding"))
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line]
+    if len(runs) > 1:
+        first = [json.loads(x) for x in (runs[1] / "log.jsonl").read_text().splitlines() if x]
+        rows = [r for r in first if r["step"] <= cfg["init_step"]] + rows
     atomic_write_json(dest / "curve.json", rows, indent=0)
     atomic_write_json(dest / "train_config.json", cfg, indent=1)
 
