@@ -149,3 +149,19 @@ def test_the_report_section(organism_heads, organism, qwen2):
     assert rows[0][1] == max(r[1] for r in rows) and rows[0][3] == pytest.approx(0.54)
     assert "L1H0" in s.text and s.note is None
     assert "ships no training checkpoints" in phase_change(qwen2).note
+
+
+def test_the_second_organism_has_the_same_phase_change():
+    """On organism-backtrack's training run (not yet shipped at the time of writing) the lookup
+    head L2H1 went 0.27 -> 0.88 over steps 750 -> 1,000, where the mean accuracy over depths
+    went 0.08 -> 0.88: the largest rise of both."""
+    ck, curve = D.checkpoints("organism-backtrack")
+    if len(ck) < 3 or not curve:
+        pytest.skip(f"organism-backtrack ships {len(ck)} checkpoint(s); need 3 and a curve")
+    dyn = D.run_dynamics(ck, D.heads_measure(["lookup"], n_task=24), progress=False)
+    final = dyn.values("heads.lookup")[-1]
+    head = divmod(int(final.argmax()), final.shape[1])
+    by_step = {r["step"]: r["acc_think"] for r in curve}
+    mean = [sum(by_step[s].values()) / len(by_step[s]) for s in dyn.steps]
+    assert _largest_rise(dyn.labels, dyn.series("heads.lookup", head))[0] == \
+        _largest_rise(dyn.labels, mean)[0]
