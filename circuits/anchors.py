@@ -150,9 +150,11 @@ def forced_answer(model: Any, trace: Trace, *, reference: str | None = None,
 
     Example::
 
-        fa = forced_answer(model, trace)                # the organism: next-token mode
+        trace = organism.think("c = b + 4 ; a = 7 ; b = a - 2 ; ? c")
+        fa = forced_answer(organism, trace)             # next-token mode
         fa.cuts                  # [20, 26, 32, 36, 44, 52]: before sentence 0, after each
-        fa.accuracy              # tensor([0.11, 0.10, 0.12, 0.09, 0.21, 1.00]), shape (cut,)
+        fa.accuracy              # tensor([0.09, 0.00, 0.01, 0.00, 0.00, 1.00]), shape (cut,)
+        fa.top                   # ['5', '4', '2', '7', '5', '9']
         fa.importance            # accuracy[1:] - accuracy[:-1], shape (sentence,)
         forced_answer(smollm, t, candidates=["4", "6"])   # teacher-forced candidates
     """

@@ -149,7 +149,7 @@ def answer_kl(p: Sequence[Any], q: Sequence[Any], alpha: float = 1.0) -> float:
     """``KL(P || Q)`` of the answers ``p`` and ``q`` (lists of answers), with ``alpha`` added
     to the count of every answer seen in either.
 
-    Example: ``answer_kl(["9"] * 9 + ["7"], ["9"] * 5 + ["7"] * 5)`` -> 0.158 (alpha 1).
+    Example: ``answer_kl(["9"] * 9 + ["7"], ["9"] * 5 + ["7"] * 5)`` -> 0.243 (alpha 1).
     """
     if not p or not q:
         return math.nan
@@ -167,7 +167,7 @@ def answer_kl(p: Sequence[Any], q: Sequence[Any], alpha: float = 1.0) -> float:
 def newcombe_interval(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
     """95 % interval of ``k1/n1 - k2/n2`` (Newcombe 1998, method 10: hybrid Wilson score).
 
-    Example: ``newcombe_interval(8, 10, 2, 10)`` -> ``(0.1819, 0.8181)``.
+    Example: ``newcombe_interval(8, 10, 2, 10)`` -> ``(0.1618, 0.8027)``.
     """
     p1, p2 = k1 / n1, k2 / n2
     l1, u1 = wilson_interval(k1, n1)

@@ -27,10 +27,12 @@ position, seeded, either engine): greedy by default (``n=1, temperature=0``); wi
 
 Example::
 
-    early_answering(model, trace).aoc                     # 0.83
-    filler_tokens(model, trace).correct                   # False: the filler did not help
-    added_mistake(model, trace, 3, expected="1").follows  # 1.0
-    paraphrase(model, trace, str.upper).same              # share of answers unchanged
+    trace = organism.think("c = b + 4 ; a = 7 ; b = a - 2 ; ? c")   # answer 9
+    early_answering(organism, trace).aoc                  # 0.89: 9 appears at the last step
+    filler_tokens(organism, trace).correct                # False: the filler did not help
+    m = added_mistake(organism, trace, 3)                 # 'b = 7 - 2 = 5 .' -> '= 6 .'
+    m.regenerated.answers, m.changed                      # ['0'], 1.0: 6 + 4 = 0
+    paraphrase(organism, trace, my_paraphraser).same      # share of answers unchanged
 """
 
 from __future__ import annotations
