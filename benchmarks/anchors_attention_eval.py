@@ -10,7 +10,9 @@ attribution, receiver heads, scored against an organism's ground truth.
    magnitudes).
 3. Truths per sentence: *used* = editing the sentence's value and regenerating the rest
    (greedy, :func:`thinklens.circuits.added_mistake`) changes the final answer; the
-   task's role (``needed`` vs ``irrelevant``) where the task gives ``sentence_truth``.
+   task's role (``needed`` vs ``irrelevant``; mistakes and corrections left out) and its
+   ``depends`` (the answer the written thinking implies changes with the sentence), where
+   the task gives ``sentence_truth``.
    AUROC of every score against both (sentences pooled over traces).
 4. Receiver heads on the traces with at least ``--min-sentences + --proximity`` sentences:
    top heads, split-half r, and agreement with the heads the ground truth says read
@@ -25,6 +27,7 @@ Writes ``benchmarks/results/anchors-attention-MODEL.json`` (atomic) and prints a
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -40,15 +43,17 @@ from thinklens import circuits  # noqa: E402
 from thinklens.probes.metrics import auroc, spearman  # noqa: E402
 
 
-def _roles(model, trace) -> list[str] | None:
-    """The task's role per sentence (``needed`` / ``irrelevant`` / ...) or None."""
+def _truth(model, trace) -> tuple[list[str] | None, list[bool] | None]:
+    """The task's role per sentence (``needed`` / ``irrelevant`` / ...) and whether the
+    answer the thinking implies depends on it, or (None, None)."""
     fn = getattr(model.task, "sentence_truth", None)
     if fn is None:
-        return None
+        return None, None
     try:
-        return [getattr(s, "role", None) for s in fn(trace)]
+        truth = fn(trace)
     except thinklens.ThinklensError:
-        return None
+        return None, None
+    return [s.role for s in truth], [bool(s.depends) for s in truth]
 
 
 def _auc(labels: list[bool], scores: list[float]) -> float | None:
@@ -69,6 +74,18 @@ def _used(model, trace) -> list[bool | None]:
     return out
 
 
+def _read_eval(path: str) -> tuple[list, list[list[bool | None]]]:
+    """Traces and per-sentence ``used`` of anchors_eval.py's JSON (``traces``) or journal."""
+    text = Path(path).read_text()
+    if path.endswith(".jsonl"):
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        rows = json.loads(text)["traces"]
+    rows = [r for r in rows if "trace" in r and "sentences" in r]
+    traces = [thinklens.Trace.from_dict(r["trace"]) for r in rows]
+    return traces, [[s.get("used") for s in r["sentences"]] for r in rows]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="organism-backtrack")
@@ -80,18 +97,28 @@ def main() -> None:
     ap.add_argument("--proximity", type=int, default=2)
     ap.add_argument("--min-sentences", type=int, default=6)
     ap.add_argument("--no-used", action="store_true", help="skip the edit-and-regenerate truth")
+    ap.add_argument("--traces-from", default=None,
+                    help="benchmarks/anchors_eval.py's JSON or journal (.jsonl): score its "
+                         "traces against its edit-derived 'used' truth instead of sampling")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     common.setup_threads(args.threads)
     model = thinklens.load(args.model)
-    depths = [int(d) for d in args.depths.split(",")]
-    problems = model.task.problems(args.n, depths=depths, seed=args.seed)
-    traces = model.think_batch([p["prompt"] for p in problems], temperature=args.temperature,
-                               seed=args.seed)
-    traces = [t for t in traces if t.sentences and len(t.answer_span) and not t.truncated]
+    given: list[list[bool | None]] | None = None
+    if args.traces_from:
+        traces, given = _read_eval(args.traces_from)
+    else:
+        depths = [int(d) for d in args.depths.split(",")]
+        problems = model.task.problems(args.n, depths=depths, seed=args.seed)
+        traces = model.think_batch([p["prompt"] for p in problems],
+                                   temperature=args.temperature, seed=args.seed)
+    keep = [k for k, t in enumerate(traces) if t.sentences and len(t.answer_span)
+            and not t.truncated]
+    traces = [traces[k] for k in keep]
+    given = None if given is None else [given[k] for k in keep]
     rows, t_sup, t_att, t_fwd = [], [], [], []
-    for t in traces:
+    for n_t, t in enumerate(traces):
         a = time.perf_counter()
         sup = circuits.suppression(model, t)
         b = time.perf_counter()
@@ -103,9 +130,10 @@ def main() -> None:
         t_att.append(c - b)
         t_fwd.append(time.perf_counter() - c)
         exact, est = sup.answer_logodds_delta, att.estimate
+        roles, depends = _truth(model, t)
         rows.append(dict(
-            n_sentences=len(t.sentences), roles=_roles(model, t),
-            used=None if args.no_used else _used(model, t),
+            n_sentences=len(t.sentences), roles=roles, depends=depends,
+            used=given[n_t] if given is not None else None if args.no_used else _used(model, t),
             suppression=(-exact).tolist(), suppression_kl=sup.answer_kl.tolist(),
             suppression_logprob=(-sup.answer_delta).tolist(), suppression_chain=sup.chain.tolist(),
             attribution=(-est).tolist(),
@@ -139,14 +167,14 @@ def main() -> None:
     measures = ["suppression", "suppression_kl", "suppression_logprob", "suppression_chain",
                 "attribution", "receiver"]
     aucs: dict[str, dict[str, float | None]] = {}
-    for truth in ("used", "needed"):
+    for truth in ("used", "needed", "depends"):
         aucs[truth] = {}
         for m in measures:
             ys, ss = [], []
             for r in rows:
                 if m not in r:
                     continue
-                lab = r["used"] if truth == "used" else (
+                lab = r[truth] if truth != "needed" else (
                     None if r["roles"] is None else
                     [{"needed": True, "irrelevant": False}.get(x) for x in r["roles"]])
                 if lab is None:
