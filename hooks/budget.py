@@ -4,11 +4,12 @@ A capture costs (1) what it keeps, per trace and key, and (2) the peak of one ba
 forward pass. The peak is counted for the attention that really runs
 (:mod:`thinklens.hooks.attention_impl`):
 
-1. **Activations** of every implementation: the residual stream, q/k/v, the MLP's
-   hidden activations and the logits of the batch (a per-token width, checked against
-   measured peaks in tests/test_budget.py).
+1. **Phases**: the residual stream stays; the largest of one layer's attention phase
+   (q/k/v, rotated copies, output, plus what the implementation needs, below), its MLP
+   phase (three ``d_mlp`` activations) and the logits comes on top (checked against
+   measured peak RSS in tests/test_budget.py).
 2. **Eager** attention materialises one layer's scores and probabilities,
-   ``batch × heads × T²`` each, plus the softmax's temporary; the eager sentence
+   ``batch × heads × T²`` each, plus the masked scores (2.5× measured); the eager sentence
    reduction of a bf16/fp16 pattern makes a float32 copy of one trace's pattern.
 3. **SDPA** expands K and V per head (grouped-query ``repeat_kv``): ``2 × batch × heads ×
    T × d_head``; its kernel works in small tiles.
@@ -103,31 +104,35 @@ def forward_peak(cfg, batch: int, length: int, bytes_per: int, attention: str = 
 
     ``attention``: "eager" (the default, the most), "sdpa" or "blockwise" (SDPA with
     :mod:`~thinklens.hooks.blockwise` statistics); ``statistics``, ``sentences`` and
-    ``sums_in_kept`` describe the attention statistics computed in the pass.
+    ``sums_in_kept`` describe the attention statistics computed in the pass. The peak is
+    the residual stream plus the larger of a layer's attention phase, its MLP phase and
+    the logits (each phase's temporaries are freed before the next).
     """
     if attention not in ATTENTION:
         raise ConfigError(f"attention={attention!r}; valid: {', '.join(ATTENTION)}")
-    d_head = cfg.d_head
-    width = 12 * cfg.d_model + 3 * max(cfg.d_mlp, cfg.d_model) + cfg.d_vocab
-    total = batch * length * width * bytes_per
-    heads_t = batch * cfg.n_heads * length
-    if attention == "eager":
-        total += 3 * heads_t * length * bytes_per
+    d, dh, h = cfg.d_model, cfg.d_head, cfg.n_heads
+    tokens = batch * length
+    kv = cfg.n_kv_heads * dh
+    residual = tokens * 2 * d * bytes_per
+    mlp = tokens * (3 * max(cfg.d_mlp, d) + 4 * d) * bytes_per
+    attn = tokens * (2 * h * dh + 4 * kv + 2 * d) * bytes_per  # q, k, v, rotated, output
+    if attention == "eager":  # scores, masked scores, probabilities (measured: 2.5x)
+        attn += 2.5 * batch * h * length * length * bytes_per
         if statistics and bytes_per < 4:  # sentence_means reduces a float32 copy
-            total += cfg.n_heads * length * length * 4
-        if statistics:  # the row sums [head, S + 1, T] of one trace
-            total += cfg.n_heads * (sentences + 1) * length * 4
-    elif attention == "sdpa":
-        total += 2 * heads_t * d_head * bytes_per
+            attn += h * length * length * 4
+        if statistics:  # its row sums [head, S + 1, T], one trace at a time
+            attn += h * (sentences + 1) * length * 4
+    elif attention == "sdpa":  # K, V expanded per head
+        attn += 2 * tokens * h * dh * bytes_per
     else:
-        rows = min(length, block_rows(cfg.n_heads, length))
-        total += 2.2 * cfg.n_heads * rows * length * 4             # one block
-        total += 2 * heads_t * d_head * bytes_per                  # scaled q, output
-        total += 2 * batch * cfg.n_kv_heads * length * d_head * bytes_per  # keys' copy
+        rows = min(length, block_rows(h, length))
+        attn += 2.2 * h * rows * length * 4                   # one block's scores, probs
+        attn += tokens * (2 * h * dh + kv) * bytes_per        # scaled q, output, keys' copy
         if "sentence" in statistics and not sums_in_kept:
-            total += batch * cfg.n_heads * sentences ** 2 * 4
-        total += batch * cfg.n_heads * (sentences + length) * 4    # vertical, columns
-    return int(total)
+            attn += batch * h * sentences ** 2 * 4
+        attn += batch * h * (sentences + length) * 4           # vertical, columns
+    logits = tokens * cfg.d_vocab * bytes_per
+    return int(residual + max(mlp, attn, logits))
 
 
 def check(est: Estimate, budget: int, streaming: bool,

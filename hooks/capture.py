@@ -209,9 +209,10 @@ def _alternatives(model, traces, sites, shapes, pos, stats, heads, out_dtype, ba
     """``(change, bytes it needs)`` for each change of this capture that saves memory."""
     def need(streaming=store is not None, **kw):
         a = dict(sites=sites, shapes=shapes, pos=pos, stats=stats, heads=heads,
-                 batch_size=batch_size, stats_dtype=stats_dtype) | kw
+                 batch_size=batch_size, stats_dtype=stats_dtype, out_dtype=out_dtype) | kw
         return estimate(model, traces, a["sites"], a["shapes"], a["pos"], a["stats"],
-                        a["heads"], out_dtype, a["batch_size"], a["stats_dtype"]).need(streaming)
+                        a["heads"], a["out_dtype"], a["batch_size"],
+                        a["stats_dtype"]).need(streaming)
     out = []
     if store is None:
         out.append(("write to a store (store='acts/', streamed batch by batch)", need(True)))
@@ -229,9 +230,9 @@ def _alternatives(model, traces, sites, shapes, pos, stats, heads, out_dtype, ba
     if "sentence" in stats:
         out.append(("attention='vertical' instead of 'sentence' (no S x S kept)",
                     need(stats=tuple(w if w != "sentence" else "vertical" for w in stats))))
-    if stats and stats_dtype.itemsize > 2:
+    if (stats and stats_dtype.itemsize > 2) or (sites and out_dtype.itemsize > 2):
         out.append(("dtype='bfloat16' (statistics and activations kept in bf16)",
-                    need(stats_dtype=torch.bfloat16)))
+                    need(stats_dtype=torch.bfloat16, out_dtype=torch.bfloat16)))
     return out
 
 
