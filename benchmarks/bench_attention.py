@@ -195,12 +195,12 @@ def measure(model, trace, method: str, device: str) -> dict:
     fn = runner(model, trace, method)
     _trim_heap()
     base = reset_peak(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         out = fn()
     except torch.OutOfMemoryError as e:
         return {"oom": True, "error": str(e).split("\n")[0], "base_bytes": base}
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     top = peak(device)
     kept = 0
     if method in ("sentence", "vertical", "residual"):
@@ -209,7 +209,8 @@ def measure(model, trace, method: str, device: str) -> dict:
         kept = sum(v.nbytes for v in out[1].values())
     del out
     return {"peak_bytes": top, "base_bytes": base, "added_bytes": top - base,
-            "kept_bytes": kept, "seconds": seconds, "sentences": len(trace.sentences)}
+            "kept_bytes": kept, "seconds": seconds, "cpu_seconds": cpu,
+            "sentences": len(trace.sentences)}
 
 
 def check_agreement(model, trace) -> float:
@@ -296,8 +297,12 @@ def main(argv=None) -> None:
         got = mem.get(str(tokens), {})
         base = got.get(args.methods[0], {}).get("seconds")
         if str(tokens) not in timing and base:
+            cpu = got.get(args.methods[0], {}).get("cpu_seconds")
             timing[str(tokens)] = {m: {"wall": {"median_s": g["seconds"], "runs_s": [g["seconds"]],
                                                 "ratio": g["seconds"] / base},
+                                       "cpu": {"median_s": g["cpu_seconds"],
+                                               "runs_s": [g["cpu_seconds"]],
+                                               "ratio": g["cpu_seconds"] / cpu},
                                        "from": "memory child (one pass, not interleaved)"}
                                    for m, g in got.items() if "seconds" in g}
     diff = None
