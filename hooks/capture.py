@@ -8,19 +8,23 @@
    capture does. The pass stops after the deepest hooked site. A capture that hooks no
    pattern (no pattern or score site, no ``attention=[(layer, head)]``) runs SDPA
    attention, the same values without ``[heads, T, T]`` per layer; one that does runs
-   eager (:mod:`thinklens.hooks.attention_impl`). ``attention="sentence"`` alone stays
-   on SDPA: each layer's sentence means are computed from its rotated q/k in blocks of
-   query rows (:mod:`thinklens.hooks.blockwise`), never a full pattern.
+   eager (:mod:`thinklens.hooks.attention_impl`). Attention statistics alone stay on
+   SDPA: each layer's attention output and statistics come from one blockwise pass over
+   its rotated q/k (:mod:`thinklens.hooks.blockwise`), never a full pattern.
 3. Forward hooks (scoped, removed in ``finally``) copy each site's rows at the chosen
    positions. An attention pattern, as a site or through ``attention=[(layer, head)]``,
    is kept in TransformerLens's layout ``(head, query_pos, key_pos)`` per trace, its
-   query rows at the chosen positions. Attention is reduced while the pass runs, one
-   layer at a time: ``attention="sentence"`` averages every head's pattern into a
-   ``(layer, head, query_sentence, key_sentence)`` matrix (Thought Anchors, Bogdan et
-   al. 2025: ``A[i, j]`` = the mean token-to-token weight from the tokens of sentence i
-   to those of sentence j), summed with ``index_add_`` (blockwise from q/k on SDPA, from
-   the pattern when the pass is eager anyway); a list of ``(layer, head)`` keeps only those heads. The
-   full patterns of all layers are never held at once.
+   query rows at the chosen positions. Attention statistics (``attention=`` a name or a
+   list of names, mixable with ``(layer, head)`` pairs), every layer and head, reduced
+   while the pass runs, one layer at a time (Thought Anchors, Bogdan et al. 2025):
+   ``"sentence"`` the ``(layer, head, query_sentence, key_sentence)`` matrix ``A[i, j]``
+   = the mean token-to-token weight from the tokens of sentence i to those of sentence
+   j; ``"vertical"`` each sentence's vertical score ``(layer, head, sentence)``, the mean
+   of ``A[i, j]`` over ``i >= j + 4`` (computed without keeping A); ``"columns"`` each
+   token's column sum of the pattern ``(layer, head, key_pos)``. They are kept in
+   ``dtype=`` when given, else float32 (the S x S of a 32k-token trace of 10-token
+   sentences is 4 GB per 8 layers x 12 heads in float32). The full patterns of all
+   layers are never held at once.
 4. Results go to a :class:`Capture` (memory) or are appended batch by batch to a
    :class:`~thinklens.hooks.store.Store`, skipping traces it already holds.
 """
@@ -247,6 +251,9 @@ def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any =
                             attention="sentence")
         cap["blocks.3.hook_resid_post"].values.shape   # (trace, pos, d_model)
         cap["sentence_attention"].values.shape  # (trace, layer, head, query_sentence, key_sentence)
+        long = model.capture(traces, attention=["vertical", "columns"])  # no S x S kept
+        long["vertical_scores"].values.shape    # (trace, layer, head, sentence)
+        long["column_sums"].values.shape        # (trace, layer, head, key_pos)
 
     With ``store="acts/"`` (a folder or an open Store) results stream to disk batch by
     batch, traces already there are skipped, and the Store is returned.
@@ -269,7 +276,8 @@ def capture(model, traces, *, sites=(), positions: Any = "all", attention: Any =
         raise ConfigError(f"{clash[0]} is both a site and in attention=; choose one")
     if not site_list and not stats and not heads:
         raise ConfigError("nothing to capture: give sites= (e.g. 'blocks.*.hook_resid_post') "
-                          "and/or attention= ('sentence' or [(layer, head), ...])")
+                          "and/or attention= ('sentence', 'vertical', 'columns' or "
+                          "[(layer, head), ...])")
     pos = positions_of(traces, positions)  # warns when traces lack thinking/sentences
     if {"sentence", "vertical"} & set(stats):
         warn_lacking(traces, [k for k, t in enumerate(traces) if not t.sentences],
