@@ -44,6 +44,11 @@ def test_wheel_imports_subpackages_and_ships_organism(wheel_site, tmp_path):
     for folder in [Path(lines[2])]:
         assert (folder / "model.safetensors").stat().st_size > 100_000
         assert (folder / "tokenizer.json").exists() and (folder / "config.json").exists()
+    code = ("import thinklens.zoo.backtrack as b; print(b.backtrack_folder()); "
+            "print(b.checkpoints())")  # the second organism ships too
+    folder, steps = _run(wheel_site, code, tmp_path).splitlines()
+    assert folder.startswith(str(wheel_site)) and len(eval(steps)) >= 4
+    assert (Path(folder) / "model.safetensors").stat().st_size > 100_000
 
 
 def test_wheel_loads_organism(wheel_site, tmp_path):

@@ -5,10 +5,13 @@ A steering vector for one behaviour of a reasoning model (Venhoff et al. 2025,
 organism whose backtracking is known (:mod:`thinklens.zoo.backtrack`):
 
 1. Sample traces at temperature 1 on held-out problems; the organism's annotator tags
-   each ``wait ...`` sentence ``backtrack``.
-2. :func:`thinklens.probes.steering_vector` with the label ``"backtrack"`` at
-   ``blocks.L.hook_resid_post`` (``method="diff_means"``: the mean over the backtrack
-   sentences' positions minus the mean over the other thinking positions).
+   each ``wait ...`` sentence ``backtrack``, and :func:`~thinklens.zoo.backtrack.wait_decisions`
+   marks the decision points (the '.' closing a compute step: ``wait`` follows or not).
+2. :func:`thinklens.probes.steering_vector` at ``blocks.L.hook_resid_post``
+   (``method="diff_means"``). ``at="decision"`` (default): the mean over the decision
+   points followed by ``wait`` minus the mean over those that go on (a contrast at the
+   one position where the behaviour is chosen); ``at="sentence"``: the mean over the
+   backtrack sentences' positions minus the mean over the other thinking positions.
 3. :func:`thinklens.probes.dose_response` on other held-out problems at temperature 1,
    for every ``alpha``: the fraction of thinking sentences that are backtracks, and from
    the same traces (:func:`~thinklens.zoo.backtrack.behaviour_rates`) correction
@@ -28,7 +31,7 @@ from torch import Tensor
 
 from thinklens.errors import ConfigError
 from thinklens.probes.steering import DoseResponse, SteeringVector, dose_response, steering_vector
-from thinklens.zoo.backtrack import BACKTRACK, BehaviourRates, behaviour_rates
+from thinklens.zoo.backtrack import BACKTRACK, BehaviourRates, behaviour_rates, wait_decisions
 
 
 @dataclass
@@ -46,9 +49,10 @@ class BacktrackSteering:
     axes: tuple[str, ...] = ("alpha",)
 
 
-def backtrack_steering(model: Any, *, layer: int = 2, alphas: Sequence[float] = (-4, 0, 4, 8),
-                       n_vector: int = 64, n_eval: int = 64, depths: Sequence[int] = (5, 6, 7, 8),
-                       temperature: float = 1.0, seed: int = 0) -> BacktrackSteering:
+def backtrack_steering(model: Any, *, layer: int = 2, alphas: Sequence[float] = (-1, 0, 1, 2),
+                       at: str = "decision", n_vector: int = 64, n_eval: int = 64,
+                       depths: Sequence[int] = (5, 6, 7, 8), temperature: float = 1.0,
+                       seed: int = 0) -> BacktrackSteering:
     """Steering vector for ``backtrack`` sentences and its dose-response (module docstring).
 
     Example::
@@ -59,6 +63,8 @@ def backtrack_steering(model: Any, *, layer: int = 2, alphas: Sequence[float] = 
     if getattr(model.task, "name", None) != BACKTRACK.name:
         raise ConfigError(f"backtrack_steering needs the organism 'organism-backtrack'; "
                           f"this model's task is {getattr(model.task, 'name', None)!r}")
+    if at not in ("decision", "sentence"):
+        raise ConfigError(f"at={at!r}; valid: 'decision', 'sentence'")
     if n_vector < 1 or n_eval < 1 or not alphas:
         raise ConfigError(f"n_vector={n_vector}, n_eval={n_eval}, alphas={list(alphas)}: "
                           "give n_vector, n_eval >= 1 and at least one alpha")
@@ -66,8 +72,13 @@ def backtrack_steering(model: Any, *, layer: int = 2, alphas: Sequence[float] = 
     train, held = rows[:n_vector], rows[n_vector:]
     traces = model.think_batch([r["prompt"] for r in train], max_new_tokens=256,
                                temperature=temperature, seed=seed, progress=False)
-    vector = steering_vector(model, traces, "backtrack", layer=layer)
+    if at == "decision":
+        vector = steering_vector(model, traces, "wait", layer=layer, token_labels=wait_decisions,
+                                 against="go on")
+    else:
+        vector = steering_vector(model, traces, "backtrack", layer=layer)
     dose = dose_response(model, [r["prompt"] for r in held], vector, alphas=alphas,
+                         metric="backtrack",
                          answers=[r["answer"] for r in held], max_new_tokens=256,
                          temperature=temperature, seed=seed + 1)
     rates = [behaviour_rates(run) for run in dose.traces]
