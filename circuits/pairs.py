@@ -54,6 +54,8 @@ from thinklens.hooks.trace import Trace, check_tokenizer
 NAMES = ("Tom", "Sam", "Ben", "Max", "Leo", "Jack", "Paul", "Ryan", "Omar", "Tim", "Anna",
          "Mia", "Lily", "Sara", "Kate", "Emma", "Amy", "Zoe", "Ella", "Nina", "Grace", "Mary",
          "John")
+#: How :attr:`Pair.why` of a :func:`counterfactual_pair` read at the final answer says so.
+AT_ANSWER = "at the model's final answer"
 _NUMBER = re.compile(r"(?<![\d.])\d+(?![\d.])")
 
 
@@ -291,7 +293,7 @@ def counterfactual_pair(model: Any, trace: Trace, *, extract: Any = None,
     pair = make_pair(model, list(trace.token_ids[: pos + 1]), ids[: pos + 1], answer=ans,
                      wrong=wrong, answer_pos=-1)
     dec = model.tokenizer.decode
-    where_txt = ("at the model's final answer" if kind == 0 else
+    where_txt = (AT_ANSWER if kind == 0 else
                  "the change does not reach the final answer; at the first token of the "
                  "model's own completion it changes" if kind == 1 else
                  "at the first position whose prediction it changes")
@@ -302,4 +304,5 @@ def counterfactual_pair(model: Any, trace: Trace, *, extract: Any = None,
     return replace(pair, why=why)
 
 
-__all__ = ["Pair", "input_tokens", "make_pair", "counterfactual_pair", "own_answer_token", "NAMES"]
+__all__ = ["Pair", "input_tokens", "make_pair", "counterfactual_pair", "own_answer_token", "NAMES",
+           "AT_ANSWER"]

@@ -236,10 +236,33 @@ def test_report_on_given_traces_of_any_model(qwen2, qwen2_dir, tmp_path, capsys)
         assert all(p["svgs"] >= 1 and p["shapes"] > 0 for p in plots), plots
 
 
-def test_a_trace_cut_at_the_token_limit_is_listed_as_truncated(qwen2):
-    from thinklens.report import sections
+def test_report_on_the_r1_distill_interface_with_given_traces(r1, tmp_path):
+    """The random-weight R1-Distill-shaped model with the real tokenizer, on R1-style
+    completions: every part drawn, the pair and the lens on the given text."""
+    from _r1 import COMPLETIONS, completion
 
     from thinklens.hooks.trace import Trace
+
+    trs = [Trace.from_text(r1, p, completion(k, open_think=False), meta={"answer": a})
+           for k, (p, _, a) in enumerate(COMPLETIONS)]
+    rep = study(r1, traces=trs, progress=False)
+    assert len(rep.figures()) >= 10
+    for title in ("Thought anchors", "Activation patching", "Circuit", "Logit lens toward"):
+        assert _section(rep, title).figures, title
+    assert _section(rep, "Thought anchors").note.startswith("Resampling importance is off")
+    assert "changed '" in _section(rep, "Activation patching").text
+    own = rep.sections[0].table.rows
+    assert [r[4] for r in own] == [a for _, _, a in COMPLETIONS]      # \boxed{} answers
+    path = rep.write(tmp_path, formats=(), progress=False)
+    if _browser() is not None:
+        errors, plots = _drawn(path)
+        assert errors == [] and len(plots) == len(rep.figures())
+        assert all(p["svgs"] >= 1 and p["shapes"] > 0 for p in plots), plots
+
+
+def test_a_trace_cut_at_the_token_limit_is_listed_as_truncated(qwen2):
+    from thinklens.hooks.trace import Trace
+    from thinklens.report import sections
 
     trs = qwen2.think_batch(["a = 7 ; ? a", "b = 2 ; ? b", "c = 1 ; ? c", "d = 3 ; ? d"],
                             max_new_tokens=2, progress=False)

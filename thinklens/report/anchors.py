@@ -47,8 +47,12 @@ def _pick(model: Any, trs: list) -> int | None:
     return max(ok, key=lambda k: (len(trs[k].sentences), -k)) if ok else None
 
 
-def anchors(model: Any, trs: list, *, resample: bool = False, progress: bool = False) -> Section:
-    """The thought-anchors :class:`Section` of the report (module docstring)."""
+def anchors(model: Any, trs: list, *, cap: Any = None, resample: bool = False,
+            progress: bool = False) -> Section:
+    """The thought-anchors :class:`Section` of the report (module docstring).
+
+    ``cap``: a capture of ``[t for t in trs if t.sentences]`` holding
+    ``"sentence_attention"`` (for the receiver heads; captured here when not given)."""
     s = Section(
         "Thought anchors",
         "Which sentences of the thinking the answer depends on (Bogdan et al. 2025). Forced "
@@ -86,16 +90,18 @@ def anchors(model: Any, trs: list, *, resample: bool = False, progress: bool = F
     att = attempt("attribution", lambda: C.sentence_attribution(model, trace))
     if att is not None:
         measures["attribution"] = att
-    eligible = [t for t in trs if len(t.sentences) >= MIN_SENTENCES + _PROXIMITY]
+    has = [j for j, t in enumerate(trs) if t.sentences]
+    eligible = [j for j in has if len(trs[j].sentences) >= MIN_SENTENCES + _PROXIMITY]
     rh = None
     if len(eligible) >= 2:
         n_heads = model.config.n_heads * max(1, model.config.n_layers - 1)
+        source = cap if cap is not None else [trs[j] for j in has]
         rh = attempt("receiver heads", lambda: C.receiver_heads(
-            model, eligible, k=min(8, n_heads), proximity=_PROXIMITY,
+            model, source, k=min(8, n_heads), proximity=_PROXIMITY,
             min_sentences=MIN_SENTENCES,
             exclude_layers=(0,) if model.config.n_layers > 1 else ()))
-        if rh is not None and trs[k] in eligible and trace is trs[k]:
-            measures["receiver"] = rh.scores[[id(t) for t in eligible].index(id(trs[k]))]
+        if rh is not None and trace is trs[k]:
+            measures["receiver"] = rh.scores[has.index(k)]
     else:
         notes.append(f"receiver heads left out: {len(eligible)} traces have "
                      f"{MIN_SENTENCES + _PROXIMITY} or more sentences; kurtosis over traces "

@@ -18,7 +18,7 @@ answer, and patching on a pair built from its own trace (no ground truth needed)
    one number or name of the prompt changed with the tokens aligned, the metric read
    where the model's prediction changes (its final answer when the change reaches it),
    shortest traces tried first. ``resid_pre`` by layer × position (the changed tokens,
-   the tokens after them and the last tokens before the answer, when the pair is long)
+   two after each and the last six before the read-out, when the pair is long)
    and ``z`` by layer × head, on at most :data:`MAX_LAYERS` layers spread evenly.
 """
 
@@ -31,7 +31,7 @@ import torch
 
 from thinklens import probes as P
 from thinklens.circuits import counterfactual_pair, patch
-from thinklens.circuits.pairs import own_answer_token
+from thinklens.circuits.pairs import AT_ANSWER, own_answer_token
 from thinklens.errors import ConfigError, ThinklensError
 from thinklens.hooks.answers import default_extractor
 from thinklens.plots import plot_head_grid, plot_logit_lens, plot_patching, plot_probe_by_layer
@@ -41,16 +41,19 @@ from thinklens.report.sections import Patching
 MIN_ROWS = 6       # sentences a tag needs to be a class of the tag probe
 MIN_TRACES = 8     # traces a probe needs (split by trace: about 2 test traces per 8)
 MIN_CLASS_TRACES = 3
-MAX_LAYERS = 10    # layers patched at most (spread evenly, first and last kept)
-MAX_POSITIONS = 24
+MAX_LAYERS = 8     # layers patched at most (spread evenly, first and last kept)
+MAX_POSITIONS = 16
 LENS_TRACES = 4    # traces the lens runs on (2 drawn)
 SITES = "blocks.*.hook_resid_post"
 
 
 # ---- 1. behaviour probes ------------------------------------------------------------------
 
-def behaviour_probes(model: Any, trs: list, correct: list | None) -> Section:
-    """Tag and correctness probes with controls and intervals, or why there are none."""
+def behaviour_probes(model: Any, trs: list, correct: list | None, cap: Any = None) -> Section:
+    """Tag and correctness probes with controls and intervals, or why there are none.
+
+    ``cap``: a capture of ``[t for t in trs if t.sentences]`` holding :data:`SITES` at
+    ``"sentence_ends"`` (made here when not given)."""
     s = Section(
         "Probes: behaviour and correctness",
         "A logistic probe per layer reads, at the last token of each thinking sentence, the "
@@ -83,10 +86,13 @@ def behaviour_probes(model: Any, trs: list, correct: list | None) -> Section:
                          f"{no} wrong traces with thinking sentences (needs >= "
                          f"{MIN_CLASS_TRACES} of each and >= {MIN_TRACES} in all).")
     if todo:
-        cap = model.capture(trs, sites=SITES, positions="sentence_ends", progress=False)
+        has = [k for k, t in enumerate(trs) if t.sentences]
+        if cap is None:
+            cap = model.capture([trs[k] for k in has], sites=SITES, positions="sentence_ends",
+                                progress=False)
         rows = []
         for name, (labels, level) in todo.items():
-            res = P.sweep(cap, SITES, labels, level=level, n_boot=100)
+            res = P.sweep(cap, SITES, [labels[k] for k in has], level=level, n_boot=100)
             slug = name.replace(" ", "-")
             s.figure(f"probe-{slug}", plot_probe_by_layer(res),
                      f"{name}: held-out accuracy per layer with the shuffled-label control "
@@ -175,31 +181,35 @@ def _positions(pair: Any) -> list[int]:
         return list(range(n))
     diff = pair.diff_positions
     near = {p + d for p in diff for d in (0, 1, 2)}
-    tail = set(range(n - 8, n))
-    keep = sorted(p for p in near | tail if 0 <= p < n)
-    return keep[: MAX_POSITIONS - 8] + sorted(tail - set(keep[: MAX_POSITIONS - 8]))
+    tail = set(range(n - 6, n))
+    keep = sorted(p for p in near - tail if 0 <= p < n)[: MAX_POSITIONS - 6]
+    return sorted(set(keep) | tail)
 
 
-def build_pair(model: Any, trs: list) -> tuple[Any, int, list[str]]:
-    """(pair, trace index, reasons others failed): the shortest traces tried first, a pair
-    whose change reaches the final answer preferred."""
+def build_pair(model: Any, trs: list) -> tuple[Any, int]:
+    """(pair, trace index): the shortest traces tried first (at most 3), the first pair
+    whose change reaches the model's final answer preferred."""
     order = sorted(range(len(trs)), key=lambda k: len(trs[k]))[:3]
-    why: list[str] = []
-    for strict in (True, False):
-        for k in order:
-            try:
-                return counterfactual_pair(model, trs[k], answer_only=strict), k, why
-            except ConfigError as e:
-                if not strict:
-                    why.append(f"trace {k}: {e}")
-    raise ConfigError("no counterfactual pair: " + "; ".join(why))
+    why, found = [], None
+    for k in order:
+        try:
+            pair = counterfactual_pair(model, trs[k])
+        except ConfigError as e:
+            why.append(f"trace {k}: {e}")
+            continue
+        if AT_ANSWER in pair.why:
+            return pair, k
+        found = found or (pair, k)
+    if found is None:
+        raise ConfigError("no counterfactual pair: " + "; ".join(why))
+    return found
 
 
 def pair_patching(model: Any, trs: list) -> tuple[Patching | None, Section]:
     """Patching of an automatically built pair (module docstring), or a note why none."""
     title = "Activation patching"
     try:
-        pair, k, _ = build_pair(model, trs)
+        pair, k = build_pair(model, trs)
     except ConfigError as e:
         return None, Section(title, "Patching on a pair built from the model's own trace.",
                              note=f"Skipped: {e}")
@@ -210,7 +220,7 @@ def pair_patching(model: Any, trs: list) -> tuple[Patching | None, Section]:
     z = patch(model, pair, "z", by=("layer", "head"), layers=layers, progress=False)
     some = (f" Layers {layers} of {model.config.n_layers} are patched"
             if len(layers) < model.config.n_layers else "")
-    some += (f"; positions: the changed tokens, two after each, and the last 8 ({len(pos)} "
+    some += (f"; positions: the changed tokens, two after each, and the last 6 ({len(pos)} "
              f"of {len(pair)})" if len(pos) < len(pair) else "")
     s = Section(
         title,
@@ -239,4 +249,5 @@ def pair_patching(model: Any, trs: list) -> tuple[Patching | None, Section]:
 
 
 __all__ = ["behaviour_probes", "own_answer_lens", "pair_patching", "build_pair", "spread",
+           "SITES",
            "MIN_ROWS", "MIN_TRACES", "MAX_LAYERS"]

@@ -148,7 +148,7 @@ def probes(model: Any, n_probe: int) -> Section:
     res = P.sweep(cap, "blocks.*.hook_resid_post", labels.make(trs, None), level=labels.level,
                   n_boot=100)
     s = Section(
-        "Probes: where the computed value is",
+        "Probes: where the computed value is (organism ground truth)",
         f"A logistic probe per layer reads the value a compute step is about to write "
         f"(ground truth from the task), at the '=' token before it, on {len(trs)} held-out "
         f"problems of depth 2-4 split by trace ({res.n_train} training rows, {res.n_test} test "
@@ -194,8 +194,9 @@ def patching(model: Any, prompts: list[str]) -> Patching | None:
     clean = pair.clean_trace.prompt if pair.clean_trace is not None else ""
     corrupt = pair.corrupt_trace.prompt if pair.corrupt_trace is not None else ""
     s = Section(
-        "Activation patching",
-        f"Clean: '{clean}'; corrupted: '{corrupt}' (each with its own correct thinking). "
+        "Activation patching (the organism task's pair)",
+        f"Clean: '{clean}'; corrupted: '{corrupt}' (each with its own correct thinking, "
+        "from the task's ground truth). "
         "Each cell runs the corrupted input with one activation taken from the clean run "
         "(denoising) and reads the logit difference between the clean and the corrupted "
         "answer at the answer position, normalised so that 0 is the corrupted run and 1 the "

@@ -195,10 +195,15 @@ def _run(model, rows, given, n_problems, n_probe, max_new_tokens, resample, bar)
                             from_patching=patching is not None)
     bar.update()
     step("anchors")
-    anchor = anchors(model, trs, resample=resample)
+    cap = None
+    if not organism and any(t.sentences for t in trs):  # one pass for probes and receivers
+        cap = model.capture([t for t in trs if t.sentences], sites=G.SITES,
+                            positions="sentence_ends", attention="sentence", progress=False)
+    anchor = anchors(model, trs, cap=cap, resample=resample)
     bar.update()
     step("probes")
-    probe = S.probes(model, n_probe) if organism else G.behaviour_probes(model, trs, right)
+    probe = (S.probes(model, n_probe) if organism
+             else G.behaviour_probes(model, trs, right, cap))
     bar.update()
     step("logit lens")
     lens = G.own_answer_lens(model, trs)
