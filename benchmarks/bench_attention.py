@@ -5,8 +5,9 @@
    (symbol text like ``a = 7 ; b = a + 2 .``, cut into sentences at ``.`` by the
    organism's segmenter: one sentence per ~10 tokens).
 2. Methods, each a no-grad pass over the same tokens:
-   ``sdpa``      Hugging Face's own forward with SDPA attention (``model.hf``), no hooks:
-                 the floor every ratio is taken against;
+   ``sdpa``      Hugging Face's own forward with SDPA attention, no hooks, on the
+                 bridge's weights (``engine_hf.plain_model``: ``model.hf`` itself runs the
+                 bridge's eager attention components): the floor of every ratio;
    ``forward``   the bridge's (eager) forward pass, no hooks;
    ``residual``  ``model.capture(trace, sites="blocks.*.hook_resid_post")`` (SDPA);
    ``sentence``  ``model.capture(trace, attention="sentence")``: every head's sentence x
@@ -149,16 +150,16 @@ def make_trace(model, tokens: int):
 
 
 def runner(model, trace, method: str):
+    from thinklens.hooks.engine_hf import plain_model
+
     ids = torch.tensor([trace.token_ids], device=model.device)
 
-    def sdpa():  # Hugging Face's forward with its SDPA attention (config restored after)
-        before = model.hf.config._attn_implementation
-        model.hf.config._attn_implementation = "sdpa"
-        try:
-            with torch.no_grad():
-                return model.hf(ids).logits
-        finally:
-            model.hf.config._attn_implementation = before
+    def sdpa():  # Hugging Face's own SDPA modules on the bridge's weights (no bridge)
+        plain = model.__dict__.get("_bench_plain")
+        if plain is None:
+            plain = model.__dict__["_bench_plain"] = plain_model(model.hf)
+        with torch.no_grad():
+            return plain(ids).logits
 
     def forward():
         with torch.no_grad():
