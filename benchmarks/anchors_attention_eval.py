@@ -9,7 +9,8 @@ attribution, receiver heads, scored against an organism's ground truth.
    (first-order estimate of the same drop); their Spearman per trace (signed, and of the
    magnitudes).
 3. Truths per sentence: *used* = editing the sentence's value and regenerating the rest
-   (greedy, :func:`thinklens.circuits.added_mistake`) changes the final answer; the
+   (greedy, :func:`thinklens.circuits.added_mistake`) changes the final answer (on
+   organism-backtrack the edits of ``benchmarks/anchors_eval.py``: ``edit_step``); the
    task's role (``needed`` vs ``irrelevant``; mistakes and corrections left out) and its
    ``depends`` (the answer the written thinking implies changes with the sentence), where
    the task gives ``sentence_truth``.
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import anchors_eval  # noqa: E402  (its edit-derived truth)
 import common  # noqa: E402
 
 import thinklens  # noqa: E402
@@ -65,6 +67,13 @@ def _auc(labels: list[bool], scores: list[float]) -> float | None:
 
 
 def _used(model, trace) -> list[bool | None]:
+    """Edit-derived truth: anchors_eval.py's (``zoo.backtrack.edit_step``, consistent edits
+    of the sentences that write a value, against the greedy regeneration of the unedited
+    prefix) where the task has ``sentence_truth``; else ``added_mistake``'s default edit
+    (the last number bumped) against the trace's own answer."""
+    if getattr(model.task, "sentence_truth", None) is not None:
+        edits = anchors_eval._edits(model, trace, model.task.sentence_truth(trace), 256)
+        return [None if e is None else bool(e["changed"]) for e in edits]
     out: list[bool | None] = []
     for i in range(len(trace.sentences)):
         try:
