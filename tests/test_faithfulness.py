@@ -113,3 +113,28 @@ def test_smollm2_runs_every_test_end_to_end(smollm):
     assert m.edited_text == "2 + 3 = 6." and 0 <= m.changed <= 1
     p = paraphrase(smollm, tr, lambda s: s.replace("Let me think.", "I will think."), **kw)
     assert p.texts[0] == "I will think." and 0 <= p.same <= 1
+
+
+@pytest.fixture(scope="module")
+def backtrack():
+    import thinklens
+    return thinklens.load("organism-backtrack")
+
+
+def test_edits_follow_the_second_organism_s_roles(backtrack):
+    """organism-backtrack: its detour writes 'n = 7' (irrelevant: nothing reads n); editing
+    it leaves the answer, editing a needed step moves it to the answer the edit implies
+    (thinklens.zoo.backtrack.edit_step's expected)."""
+    from thinklens.zoo.backtrack import edit_step, sentence_truth
+
+    tr = Trace.from_text(backtrack, "n = 7 ; k = 9 ; e = 5 ; b = e + 8 ; g = 4 ; m = 8 ; "
+                         "c = m + 5 ; ? b", "n = 7 . b = e + 8 . e = 5 . b = 5 + 8 = 3 . "
+                         "</think> 3 <eos>")
+    roles = [s.role for s in sentence_truth(tr)]
+    assert roles == ["irrelevant", "needed", "needed", "needed"]
+    for i, new in [(0, 8), (2, 6), (3, 4)]:
+        e = edit_step(tr, i, new)
+        m = added_mistake(backtrack, tr, i, edit=e.text, expected=e.expected)
+        assert m.follows == 1.0, (i, e, m.regenerated.answers)
+        assert m.changed == (0.0 if roles[i] == "irrelevant" else 1.0)
+    assert filler_tokens(backtrack, tr).length == len(tr.think_span)
