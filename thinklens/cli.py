@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 RESUMABLE = {"capture": "out", "think": "out", "demo": "out", "probe": "config",
-             "organism train": "out"}
+             "organism train": "out", "dynamics": "out"}
 
 
 def _interrupted(name: str, args, argv: list[str]) -> str:

@@ -199,6 +199,10 @@ def saved(command: str, target: str | os.PathLike[str] | None) -> str:
         path = path / "store"
     if command == "organism train":
         return f"checkpoints in {path}"
+    if command == "dynamics":
+        n = sum(1 for line in (path / "journal.jsonl").read_text().splitlines()
+                if line.strip()) if (path / "journal.jsonl").is_file() else 0
+        return f"{n} checkpoint(s) measured in {path / 'journal.jsonl'}"
     return _stored(path)
 
 
