@@ -275,6 +275,7 @@ def test_a_trace_cut_at_the_token_limit_is_listed_as_truncated(qwen2):
 
 
 @pytest.mark.smollm
+@pytest.mark.slow
 def test_report_on_smollm_studies_its_own_answers(smollm, tmp_path):
     from thinklens.circuits.pairs import own_answer_token
     from thinklens.hooks.answers import generic_answer

@@ -43,7 +43,8 @@ _PROXIMITY = 2         # receiver heads: sentences this close to the end are not
 
 def _pick(model: Any, trs: list) -> int | None:
     extract = default_extractor(model)
-    ok = [k for k, t in enumerate(trs) if len(t.sentences) >= MIN_SENTENCES and extract(t)]
+    ok = [k for k, t in enumerate(trs) if len(t.sentences) >= MIN_SENTENCES and extract(t)
+          and len(t.answer_span) and not t.truncated]   # suppression scores answer tokens
     return max(ok, key=lambda k: (len(trs[k].sentences), -k)) if ok else None
 
 
@@ -65,8 +66,8 @@ def anchors(model: Any, trs: list, *, cap: Any = None, resample: bool = False,
         "attention those heads pay it from later sentences.")
     k = _pick(model, trs)
     if k is None:
-        s.note = (f"Too little data: no trace has {MIN_SENTENCES} or more thinking sentences "
-                  "and a final answer, so no sentence can be ranked.")
+        s.note = (f"Too little data: no finished trace has {MIN_SENTENCES} or more thinking "
+                  "sentences and a final answer, so no sentence can be ranked.")
         return s
     trace = trs[k]
     if len(trace.sentences) > MAX_SENTENCES:
