@@ -34,7 +34,9 @@ from dataclasses import dataclass
 import torch
 
 from thinklens.errors import BudgetError, ConfigError
+from thinklens.hooks import attention_impl
 from thinklens.hooks.blockwise import block_rows
+from thinklens.hooks.sites import is_pattern_site
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -155,5 +157,81 @@ def check(est: Estimate, budget: int, streaming: bool,
         + "or raise the budget with budget='32GB' if the memory is really there.")
 
 
+def estimate(model, traces, sites, shapes, pos, sentence, heads, out_dtype, batch_size,
+             stats_dtype=torch.float32, implementation=None):
+    """An :class:`~thinklens.hooks.budget.Estimate` for this capture.
+
+    ``sentence``: the attention statistics asked for (names of
+    :data:`~thinklens.hooks.blockwise.STATISTICS`; True = ``("sentence",)``), kept in
+    ``stats_dtype``. ``implementation``: "eager", "sdpa" or "blockwise" (default: what
+    :func:`~thinklens.hooks.capture.capture` would run).
+    """
+    stats = ("sentence",) if sentence is True else tuple(sentence or ())
+    c = model.config
+    nb, ns = torch.finfo(out_dtype).bits // 8, torch.finfo(stats_dtype).bits // 8
+    per_trace = []
+    for t, p in zip(traces, pos):
+        n = len(t)
+        b = 0
+        for s in sites:
+            elems = int(torch.tensor(shapes[s]).prod()) if shapes[s] else 1
+            b += len(p) * elems * (n if is_pattern_site(s) else 1) * nb
+        b += statistics_bytes(c, stats, len(t.sentences), n, ns)
+        b += sum(len(h) for h in heads.values()) * len(p) * n * nb
+        per_trace.append(b)
+    if implementation is None:
+        implementation = implementation_for(model, sites, stats, heads)
+    longest = max((len(t) for t in traces), default=1)
+    batch = min(batch_size, len(traces))
+    worst_batch = sum(sorted(per_trace)[-batch_size:])
+    n_sent = max((len(t.sentences) for t in traces), default=0)
+    into = batch == 1 and stats_dtype == torch.float32 and model.device.type == "cpu"
+    return Estimate(kept=sum(per_trace), kept_per_batch=worst_batch,
+                            forward_peak=forward_peak(
+                                c, batch, longest, torch.finfo(model.dtype).bits // 8,
+                                attention=implementation, statistics=stats, sentences=n_sent,
+                                sums_in_kept=into))
+
+
+def implementation_for(model, sites, stats, heads) -> str:
+    """"blockwise" (statistics from q/k in the SDPA pass), "sdpa" or "eager"."""
+    chosen = attention_impl.choose(model, sites) if not heads else "eager"
+    if stats and chosen == "sdpa" and not attention_impl.observable(model):
+        return "eager"
+    return "blockwise" if stats and chosen == "sdpa" else chosen
+
+
+def alternatives(model, traces, sites, shapes, pos, stats, heads, out_dtype, batch_size,
+                  stats_dtype, store) -> list[tuple[str, int]]:
+    """``(change, bytes it needs)`` for each change of this capture that saves memory."""
+    def need(streaming=store is not None, **kw):
+        a = dict(sites=sites, shapes=shapes, pos=pos, stats=stats, heads=heads,
+                 batch_size=batch_size, stats_dtype=stats_dtype, out_dtype=out_dtype) | kw
+        return estimate(model, traces, a["sites"], a["shapes"], a["pos"], a["stats"],
+                        a["heads"], a["out_dtype"], a["batch_size"],
+                        a["stats_dtype"]).need(streaming)
+    out = []
+    if store is None:
+        out.append(("write to a store (store='acts/', streamed batch by batch)", need(True)))
+    if batch_size > 1 and len(traces) > 1:
+        out.append(("batch_size=1", need(batch_size=1)))
+    if sites:
+        out.append(("positions='last' (or 'sentence_ends')",
+                    need(pos=[p[-1:] for p in pos])))
+    patterns = [s for s in sites if is_pattern_site(s)]
+    if patterns or heads:
+        rest = [s for s in sites if not is_pattern_site(s)]
+        out.append(("attention='sentence' instead of full patterns (SDPA, blockwise)",
+                    need(sites=rest, heads={}, stats=tuple(dict.fromkeys(
+                        [*stats, "sentence"])))))
+    if "sentence" in stats:
+        out.append(("attention='vertical' instead of 'sentence' (no S x S kept)",
+                    need(stats=tuple(w if w != "sentence" else "vertical" for w in stats))))
+    if (stats and stats_dtype.itemsize > 2) or (sites and out_dtype.itemsize > 2):
+        out.append(("dtype='bfloat16' (statistics and activations kept in bf16)",
+                    need(stats_dtype=torch.bfloat16, out_dtype=torch.bfloat16)))
+    return out
+
+
 __all__ = ["ATTENTION", "Estimate", "parse_budget", "fmt", "statistics_bytes",
-           "forward_peak", "check"]
+           "forward_peak", "check", "estimate", "implementation_for", "alternatives"]

@@ -30,6 +30,7 @@ torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
 import thinklens
 from thinklens import Trace
+from thinklens.hooks import budget as budget_mod
 from thinklens.hooks import capture as capture_mod
 from thinklens.hooks.positions import positions_of
 
@@ -47,7 +48,7 @@ for case in json.loads(sys.argv[2]):
     sites = model.sites(kw["sites"]) if kw["sites"] else []
     stats, heads = capture_mod._parse_attention(kw["attention"], model.config)
     shapes = capture_mod._site_shapes(model, sites) if sites else {}
-    est = capture_mod.estimate(model, tr, sites, shapes, positions_of(tr, "all"), stats,
+    est = budget_mod.estimate(model, tr, sites, shapes, positions_of(tr, "all"), stats,
                                heads, model.dtype, 1)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -111,6 +112,7 @@ def test_estimate_within_25_percent_of_the_measured_peak(wide_dir):
 
 def _refusal(model, traces, **kw) -> tuple[str, int, list[tuple[str, int]]]:
     """The refusal's message, the refused estimate and the alternatives, exactly."""
+    from thinklens.hooks import budget as budget_mod
     from thinklens.hooks import capture as capture_mod
     from thinklens.hooks.positions import positions_of
 
@@ -122,8 +124,8 @@ def _refusal(model, traces, **kw) -> tuple[str, int, list[tuple[str, int]]]:
     pos = positions_of(traces, "all")
     args = (model, traces, sites, shapes, pos, stats, heads, model.dtype, kw["batch_size"],
             torch.float32)
-    need = capture_mod.estimate(*args).in_memory()
-    return str(err.value), need, capture_mod._alternatives(*args, None)
+    need = budget_mod.estimate(*args).in_memory()
+    return str(err.value), need, budget_mod.alternatives(*args, None)
 
 
 def test_refusal_lists_only_alternatives_that_lower_the_estimate(qwen2, monkeypatch):

@@ -18,6 +18,7 @@ from thinklens.errors import (
 from thinklens.hooks.capture import sentence_means
 
 capture_mod = importlib.import_module("thinklens.hooks.capture")
+budget_mod = importlib.import_module("thinklens.hooks.budget")
 
 PROMPTS = [
     ("c = b + 4 ; a = 7 ; b = a - 2 ; ? c",
@@ -210,10 +211,10 @@ def test_over_budget_refused_before_running(qwen2, traces, monkeypatch, tmp_path
 
 
 def test_streaming_to_store_fits_where_memory_does_not(qwen2, traces, tmp_path):
-    est = capture_mod.estimate(qwen2, traces, ["blocks.0.hook_resid_post"],
-                               {"blocks.0.hook_resid_post": (64,)},
-                               [torch.arange(len(t)) for t in traces], False, {},
-                               torch.float32, 1)
+    est = budget_mod.estimate(qwen2, traces, ["blocks.0.hook_resid_post"],
+                              {"blocks.0.hook_resid_post": (64,)},
+                              [torch.arange(len(t)) for t in traces], False, {},
+                              torch.float32, 1)
     budget = (est.in_memory() + est.streaming()) // 2
     with pytest.raises(BudgetError):
         qwen2.capture(traces, sites="blocks.0.hook_resid_post", batch_size=1, budget=budget)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,34 +17,13 @@ from pathlib import Path
 from thinklens.errors import ConfigError, ThinklensError
 from thinklens.hooks.model import load
 from thinklens.jobs import commands
+from thinklens.jobs.config import EXAMPLE as study_example
 from thinklens.jobs.dynamics import dynamics_job
 from thinklens.jobs.study import run_study
 from thinklens.report import report as run_report
 from thinklens.zoo.evaluate import as_json, evaluate, table
 from thinklens.zoo.organism import HERE
 from thinklens.zoo.train import TrainConfig, ship, train
-
-PROBE_EXAMPLE = """example STUDY.toml (every key: python -c 'import thinklens.jobs.config as c; help(c)'):
-
-  out = "runs/value-study"              # relative to the TOML file
-  [model]
-  spec = "organism"                     # or a Hugging Face name / folder / .gguf
-  [prompts]
-  organism = {n = 64, depths = [2, 3, 4]}   # or: file = "prompts.jsonl"
-  [generate]
-  max_new_tokens = 96
-  [capture]
-  sites = ["blocks.*.hook_resid_post"]
-  positions = "thinking"
-  [[probe]]
-  name = "value"
-  labels = "organism.value"             # organism.answer | organism.variable | answer | tag | field:KEY
-  [output]
-  figures = ["html", "svg"]
-
-The summary reports each probe's best (position, site) cell, chosen on the test split
-(results.json: "selected_on": "test"); the whole grid is in results/NAME.json.
-"""
 
 
 def _say(*parts: object) -> None:
@@ -153,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         "with a shuffled-label control and bootstrap intervals) and write OUT/results.json, "
         "OUT/results/NAME.json and OUT/figures/. Rerunning after an interruption redoes "
         "nothing finished. Sharded: torchrun --nproc-per-node N -m thinklens probe CONFIG.toml",
-        epilog=PROBE_EXAMPLE)
+        epilog=study_example)
     pr.add_argument("config", help="study file (TOML); keys: see the example below")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -411,24 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:  # one line, not a traceback: what is saved, how to go on
         given = sys.argv[1:] if argv is None else list(argv)
-        print(f"thinklens: interrupted; {_interrupted(name, args, given)}", file=sys.stderr)
+        target = getattr(args, commands.RESUMABLE.get(name, ""), None)
+        print(f"thinklens: interrupted; {commands.interrupted(name, target, given)}",
+              file=sys.stderr)
         return 130
-
-
-RESUMABLE = {"capture": "out", "think": "out", "demo": "out", "probe": "config",
-             "organism train": "out", "dynamics": "out"}
-
-
-def _interrupted(name: str, args, argv: list[str]) -> str:
-    """What an interrupted command saved and the command that resumes it (or reruns it)."""
-    again = shlex.join(["thinklens", *argv])
-    if name not in RESUMABLE:
-        return f"{name} saves nothing before it finishes; rerun: {again}"
-    try:
-        what = commands.saved(name, getattr(args, RESUMABLE[name]))
-    except (ThinklensError, OSError, ValueError) as err:
-        what = f"could not read what was saved ({err})"
-    return f"{what}; resume with: {again}"
 
 
 if __name__ == "__main__":  # pragma: no cover

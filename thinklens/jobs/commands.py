@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from thinklens.errors import ConfigError
+from thinklens.errors import ConfigError, ThinklensError
 from thinklens.hooks._fileio import atomic_write_json
 from thinklens.hooks.dtypes import parse_dtype
 from thinklens.hooks.model import load
@@ -222,5 +223,22 @@ def site_names(model: str = "organism", match: str = "*") -> list[str]:
     return [n for n in load(model).site_names if fnmatch.fnmatchcase(n, match)]
 
 
+RESUMABLE = {"capture": "out", "think": "out", "demo": "out", "probe": "config",
+             "organism train": "out", "dynamics": "out"}
+
+
+def interrupted(name: str, target: str | os.PathLike[str] | None, argv: list[str]) -> str:
+    """What an interrupted command saved at ``target`` (its ``RESUMABLE`` argument) and the
+    command line that resumes it (or reruns it)."""
+    again = shlex.join(["thinklens", *argv])
+    if name not in RESUMABLE:
+        return f"{name} saves nothing before it finishes; rerun: {again}"
+    try:
+        what = saved(name, target)
+    except (ThinklensError, OSError, ValueError) as err:
+        what = f"could not read what was saved ({err})"
+    return f"{what}; resume with: {again}"
+
+
 __all__ = ["DemoResult", "CaptureResult", "demo", "think", "capture", "site_names",
-           "report_inputs", "saved"]
+           "report_inputs", "saved", "RESUMABLE", "interrupted"]

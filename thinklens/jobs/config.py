@@ -220,4 +220,27 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return parse(raw, path.resolve().parent)
 
 
-__all__ = ["parse", "load_config", "SCHEDULE_KEYS"]
+EXAMPLE = """example STUDY.toml (every key: python -c 'import thinklens.jobs.config as c; help(c)'):
+
+  out = "runs/value-study"              # relative to the TOML file
+  [model]
+  spec = "organism"                     # or a Hugging Face name / folder / .gguf
+  [prompts]
+  organism = {n = 64, depths = [2, 3, 4]}   # or: file = "prompts.jsonl"
+  [generate]
+  max_new_tokens = 96
+  [capture]
+  sites = ["blocks.*.hook_resid_post"]
+  positions = "thinking"
+  [[probe]]
+  name = "value"
+  labels = "organism.value"             # organism.answer | organism.variable | answer | tag | field:KEY
+  [output]
+  figures = ["html", "svg"]
+
+The summary reports each probe's best (position, site) cell, chosen on the test split
+(results.json: "selected_on": "test"); the whole grid is in results/NAME.json.
+"""
+
+
+__all__ = ["parse", "load_config", "SCHEDULE_KEYS", "EXAMPLE"]

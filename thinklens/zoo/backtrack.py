@@ -20,7 +20,7 @@ the first organism's (``thinklens/zoo/backtrack/``: ``final/``, ``checkpoints/``
    regenerate from, and the answer the edit implies.
 4. :func:`behaviour_rates`: how often sampled traces detour, err, correct, keep a mistake.
 
-Training (:func:`train_backtrack`, deterministic and resumable, one thread): phase 1,
+Training (:func:`thinklens.zoo.backtrack_train.train_backtrack`, deterministic and resumable, one thread): phase 1,
 2000 steps on the task with ``p_mistake=0.12``; phase 2, 1200 steps from phase 1's last
 weights with ``p_mistake=0.2`` (more mistakes to learn from). The shipped weights are
 phase 2's last; the checkpoints (250 .. 2000) are phase 1's, straddling the rise in
@@ -58,7 +58,6 @@ from thinklens.zoo.organism import organism_folder, organism_segmenter
 from thinklens.zoo.organism import training_curve as _curve
 from thinklens.zoo.registry import ORGANISM, OrganismTask
 from thinklens.zoo.task import OPS, problem_from_prompt
-from thinklens.zoo.train import TrainConfig, train
 
 HERE = Path(__file__).parent / "backtrack"
 TASK_KEY = "backtrack"  # config.thinklens_task of every model trained on this task
@@ -379,28 +378,6 @@ class BacktrackTask(OrganismTask):
 BACKTRACK = BacktrackTask()
 
 
-def training_phases(out: str | Path) -> list[tuple[TrainConfig, Path]]:
-    """The two training runs of the shipped weights, as ``(config, folder)`` under ``out``."""
-    out = Path(out)
-    common = dict(kind="backtrack", context=384, micro_batch=16, ckpt_every=250,
-                  eval_per_depth=128)
-    one = TrainConfig(steps=2000, task=BacktrackConfig(max_depth=8), **common)
-    two = TrainConfig(steps=1200, lr=1e-3, warmup=100, init_step=2000,
-                      init_from=str(out / "phase1" / "step-002000"),
-                      task=BacktrackConfig(max_depth=8, p_mistake=0.2),
-                      **{**common, "ckpt_every": 200})
-    return [(one, out / "phase1"), (two, out / "phase2")]
-
-
-def train_backtrack(out: str | Path = "runs/backtrack", *, progress: bool = True) -> Path:
-    """Train (or resume) both phases; ship with
-    ``thinklens.zoo.train.ship(out/phase2, HERE, [250, 500, 750, 1000, 1500, 2000])``."""
-    final = None
-    for cfg, folder in training_phases(out):
-        final = train(cfg, folder, progress=progress)
-    return final
-
-
 def register() -> None:
     """Register ``organism-backtrack`` (its weights) and its task (idempotent)."""
     register_model("organism-backtrack", backtrack_folder)
@@ -410,4 +387,4 @@ def register() -> None:
 __all__ = ["HERE", "TASK_KEY", "TRAINED", "checkpoints", "backtrack_folder", "training_curve",
            "backtrack_annotator", "sentence_truth", "token_truth", "implied_answer",
            "EditedStep", "edit_step", "wait_decisions", "BehaviourRates", "behaviour_rates", "BacktrackTask",
-           "BACKTRACK", "register", "training_phases", "train_backtrack"]
+           "BACKTRACK", "register"]
