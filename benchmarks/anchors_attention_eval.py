@@ -5,9 +5,12 @@ attribution, receiver heads, scored against an organism's ground truth.
    (``think_batch``); finished traces with thinking sentences and an answer are kept.
 2. Per trace: :func:`thinklens.circuits.suppression` (answer effect: the drop of the
    answer's log-odds, also KL and log-prob, and the chain effect through later
-   sentences), :func:`thinklens.circuits.sentence_attribution`
-   (first-order estimate of the same drop); their Spearman per trace (signed, and of the
-   magnitudes).
+   sentences), :func:`thinklens.circuits.suppression_total` (the total effect: the
+   drop of the answer's log-odds, its KL, and whether the answer changed, after the model
+   rewrote the rest of the thinking without seeing the sentence),
+   :func:`thinklens.circuits.sentence_attribution`
+   (first-order estimate of the direct drop); their Spearman per trace (signed, and of
+   the magnitudes) and the share of traces whose top sentence agrees.
 3. Truths per sentence: *used* = editing the sentence's value and regenerating the rest
    (greedy, :func:`thinklens.circuits.added_mistake`) changes the final answer (on
    organism-backtrack the edits of ``benchmarks/anchors_eval.py``: ``edit_step``); the
@@ -64,6 +67,15 @@ def _auc(labels: list[bool], scores: list[float]) -> float | None:
         return None
     y = torch.tensor([float(y) for y, _ in keep])
     return round(float(auroc(y, torch.tensor([s for _, s in keep]))), 4)
+
+
+def _top_agreement(rows: list[dict]) -> float | None:
+    """Share of traces (2+ sentences) whose largest attributed drop is exact suppression's."""
+    pairs = [(r["suppression"], r["attribution"]) for r in rows if r["n_sentences"] > 1]
+    if not pairs:
+        return None
+    return sum(max(range(len(s)), key=s.__getitem__) == max(range(len(a)), key=a.__getitem__)
+               for s, a in pairs) / len(pairs)
 
 
 def _used(model, trace) -> list[bool | None]:
@@ -126,17 +138,20 @@ def main() -> None:
             and not t.truncated]
     traces = [traces[k] for k in keep]
     given = None if given is None else [given[k] for k in keep]
-    rows, t_sup, t_att, t_fwd = [], [], [], []
+    rows, t_sup, t_att, t_fwd, t_tot = [], [], [], [], []
     for n_t, t in enumerate(traces):
         a = time.perf_counter()
         sup = circuits.suppression(model, t)
         b = time.perf_counter()
         att = circuits.sentence_attribution(model, t)
         c = time.perf_counter()
+        t_att.append(c - b)
+        tot = circuits.suppression_total(model, t)
+        t_tot.append(time.perf_counter() - c)
+        c = time.perf_counter()
         with torch.no_grad():
             model.bridge(torch.tensor([t.token_ids], device=model.device))
         t_sup.append(b - a)
-        t_att.append(c - b)
         t_fwd.append(time.perf_counter() - c)
         exact, est = sup.answer_logodds_delta, att.estimate
         roles, depends = _truth(model, t)
@@ -145,6 +160,9 @@ def main() -> None:
             used=given[n_t] if given is not None else None if args.no_used else _used(model, t),
             suppression=(-exact).tolist(), suppression_kl=sup.answer_kl.tolist(),
             suppression_logprob=(-sup.answer_delta).tolist(), suppression_chain=sup.chain.tolist(),
+            suppression_total=(-tot.answer_logodds_delta).tolist(),
+            suppression_total_kl=tot.answer_kl.tolist(),
+            suppression_total_changed=tot.changed.tolist(),
             attribution=(-est).tolist(),
             spearman=float(spearman(est, exact)) if len(t.sentences) > 2 else None,
             spearman_abs=float(spearman(est.abs(), exact.abs())) if len(t.sentences) > 2
@@ -174,6 +192,7 @@ def main() -> None:
         for t, score in zip(long, rh.scores):
             rows[idx[id(t)]]["receiver"] = score.tolist()
     measures = ["suppression", "suppression_kl", "suppression_logprob", "suppression_chain",
+                "suppression_total", "suppression_total_kl", "suppression_total_changed",
                 "attribution", "receiver"]
     aucs: dict[str, dict[str, float | None]] = {}
     for truth in ("used", "needed", "depends"):
@@ -210,7 +229,9 @@ def main() -> None:
         spearman_abs_median=statistics.median(sp_abs) if sp_abs else None,
         used_vs_roles_agreement=agree, receiver=recv,
         seconds=dict(suppression=statistics.median(t_sup), attribution=statistics.median(t_att),
+                     suppression_total=statistics.median(t_tot),
                      forward=statistics.median(t_fwd)),
+        attribution_top_agreement=_top_agreement(rows),
         traces=rows)
     path = common.save(f"anchors-attention-{args.model}", payload, args.out)
     print(f"{len(traces)} traces, {payload['n_sentences']} sentences -> {path}")

@@ -26,6 +26,7 @@ from thinklens.circuits.anchors_resampling import (
     exact_comparator,
     resampling,
 )
+from thinklens.circuits.anchors_total import SuppressionTotal, suppression_total
 from thinklens.circuits.attribution import AttributionResult, atp, eap
 from thinklens.circuits.circuit import Circuit, FaithfulnessCurve, faithfulness_curve
 from thinklens.circuits.faithfulness import (
@@ -51,7 +52,7 @@ __all__ = ["patch", "path_patch", "PatchResult", "make_pair", "counterfactual_pa
            "FaithfulnessCurve", "faithfulness_curve",
            "head_scores", "HeadScores", "icl_score", "ICLScore", "reference_traces",
            "receiver_heads", "ReceiverHeads", "fisher_kurtosis", "suppression",
-           "SuppressionResult", "sentence_attribution", "SentenceAttribution",
+           "SuppressionResult", "suppression_total", "SuppressionTotal", "sentence_attribution", "SentenceAttribution",
            "forced_answer", "ForcedAnswer", "resampling", "Resampling", "exact_comparator",
            "embedding_comparator", "early_answering", "EarlyAnswering", "filler_tokens",
            "FillerTokens", "added_mistake", "AddedMistake", "paraphrase", "Paraphrase"]

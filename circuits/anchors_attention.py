@@ -140,7 +140,7 @@ def check_trace(trace: Trace, what: str) -> None:
                           f"{trace.answer_span}); give a finished trace with an answer")
 
 
-def _sentence_list(trace: Trace, sentences: Sequence[int] | None) -> list[int]:
+def sentence_list(trace: Trace, sentences: Sequence[int] | None) -> list[int]:
     n = len(trace.sentences)
     if sentences is None:
         return list(range(n))
@@ -152,11 +152,11 @@ def _sentence_list(trace: Trace, sentences: Sequence[int] | None) -> list[int]:
     return out
 
 
-def _bounds(trace: Trace) -> Int[Tensor, "sentence 2"]:
+def sentence_bounds(trace: Trace) -> Int[Tensor, "sentence 2"]:
     return torch.tensor([[s.start, s.end] for s in trace.sentences], dtype=torch.long)
 
 
-def _answer_rows(trace: Trace) -> tuple[list[int], list[int]]:
+def answer_rows(trace: Trace) -> tuple[list[int], list[int]]:
     """Logit positions predicting each answer token, and those tokens' ids."""
     a = trace.answer_span
     return list(range(a.start - 1, a.end - 1)), list(trace.token_ids[a.start:a.end])
@@ -166,7 +166,7 @@ def _score_sites(model) -> list[str]:
     return [f"blocks.{layer}.attn.hook_attn_scores" for layer in range(model.config.n_layers)]
 
 
-def _mask_hooks(model, key_mask: Tensor) -> list[fwd.Hook]:
+def key_mask_hooks(model, key_mask: Tensor) -> list[fwd.Hook]:
     """Hooks setting the scores of ``key_mask [batch, key_pos]`` columns to the minimum."""
     def fn(x, hook):
         m = key_mask[:, None, None, : x.shape[-1]].to(x.device)
@@ -205,7 +205,7 @@ def _metric(metric: str) -> str:
     return metric
 
 
-def _answer_score(logits: Tensor, answer: Sequence[int], metric: str = "logprob") -> Tensor:
+def answer_score(logits: Tensor, answer: Sequence[int], metric: str = "logprob") -> Tensor:
     """Summed log-probability (or log-odds) of ``answer`` (rows of ``logits`` predict its tokens)."""
     logp = logits.float().log_softmax(-1)
     idx = torch.as_tensor(answer, device=logits.device)
@@ -231,14 +231,14 @@ def suppression(model, trace: Trace, *, sentences: Sequence[int] | None = None,
         sup.matrix.shape, sup.answer_delta.shape    # (S, S), (S,)
     """
     check_trace(trace, "suppression")
-    which = _sentence_list(trace, sentences)
+    which = sentence_list(trace, sentences)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r}; must be a positive integer")
     fwd.as_traces(model, [trace])
     n_sent, n_tok = len(trace.sentences), len(trace.token_ids)
-    bounds = _bounds(trace)
+    bounds = sentence_bounds(trace)
     sent = sentence_index(bounds, n_tok)
-    ans_rows, ans_ids = _answer_rows(trace)
+    ans_rows, ans_ids = answer_rows(trace)
     # the distributions that predict each written sentence token k (read at row k - 1)
     tokens = [k for k in range(n_tok) if int(sent[k]) < n_sent] if matrix else []
     rows = [k - 1 for k in tokens] + ans_rows
@@ -249,7 +249,7 @@ def suppression(model, trace: Trace, *, sentences: Sequence[int] | None = None,
         for r, j in enumerate(masked):
             key_mask[r] = sent == j
         batch = fwd.pad(model, seqs, [0] * key_mask.shape[0])
-        out = fwd.forward(model, batch, _mask_hooks(model, key_mask),
+        out = fwd.forward(model, batch, key_mask_hooks(model, key_mask),
                           logits_at=[rows] * key_mask.shape[0], attention="eager")
         return [x.detach().float().cpu() for x in out]
 
@@ -257,8 +257,8 @@ def suppression(model, trace: Trace, *, sentences: Sequence[int] | None = None,
     written = torch.as_tensor([trace.token_ids[k] for k in tokens] + ans_ids, dtype=torch.long)
     base_logp = run([])[0].log_softmax(-1)
     base_p = base_logp.exp()[torch.arange(len(rows)), written]
-    base_ans = float(_answer_score(base_logp[n_think:], ans_ids))
-    base_odds = float(_answer_score(base_logp[n_think:], ans_ids, "logodds"))
+    base_ans = float(answer_score(base_logp[n_think:], ans_ids))
+    base_odds = float(answer_score(base_logp[n_think:], ans_ids, "logodds"))
     mat, drop_mat = (torch.full((n_sent, n_sent), float("nan")) for _ in range(2))
     kl_ans, delta, odds, ans_drop = (torch.full((n_sent,), float("nan")) for _ in range(4))
     tok_sent = sent[torch.as_tensor(tokens, dtype=torch.long)]
@@ -270,8 +270,8 @@ def suppression(model, trace: Trace, *, sentences: Sequence[int] | None = None,
             kl = (base_logp.exp() * (base_logp - logp)).sum(-1).clamp(min=0)   # [rows]
             drop = (base_p - logp.exp()[torch.arange(len(rows)), written]).clamp(min=0)
             kl_ans[j] = float(kl[n_think:].sum())
-            delta[j] = float(_answer_score(logp[n_think:], ans_ids)) - base_ans
-            odds[j] = float(_answer_score(logp[n_think:], ans_ids, "logodds")) - base_odds
+            delta[j] = float(answer_score(logp[n_think:], ans_ids)) - base_ans
+            odds[j] = float(answer_score(logp[n_think:], ans_ids, "logodds")) - base_odds
             ans_drop[j] = float(drop[n_think:].max())
             if n_think:
                 logkl = kl[:n_think].clamp(min=KL_FLOOR).log()
@@ -313,17 +313,18 @@ def sentence_attribution(model, trace: Trace, *, metric: str = "logodds") -> Sen
     _metric(metric)
     fwd.as_traces(model, [trace])
     n_sent, n_tok = len(trace.sentences), len(trace.token_ids)
-    sent = sentence_index(_bounds(trace), n_tok).to(model.device)
-    ans_rows, ans_ids = _answer_rows(trace)
+    sent = sentence_index(sentence_bounds(trace), n_tok).to(model.device)
+    ans_rows, ans_ids = answer_rows(trace)
     u = torch.zeros(n_sent, device=model.device, requires_grad=True)
     batch = fwd.pad(model, [list(trace.token_ids)], [0])
     out = fwd.forward(model, batch, _interp_hooks(model, u, sent), logits_at=[ans_rows],
                       grad=True, attention="eager")
-    score = _answer_score(out[0], ans_ids, metric)
+    score = answer_score(out[0], ans_ids, metric)
     (grad,) = torch.autograd.grad(score, u)
     return SentenceAttribution(trace, [s.text for s in trace.sentences],
                                grad.detach().float().cpu(), metric, float(score.detach()))
 
 
 __all__ = ["SuppressionResult", "SentenceAttribution", "suppression", "sentence_attribution",
-           "check_trace", "KL_FLOOR", "METRICS"]
+           "check_trace", "KL_FLOOR", "METRICS", "key_mask_hooks", "answer_score",
+           "answer_rows", "sentence_bounds", "sentence_list"]

@@ -109,12 +109,12 @@ def test_suppression_batches_equal_one_by_one(organism):
 
 
 def _path_score(model, trace, u: torch.Tensor) -> float:
-    sent = sentence_index(sup_mod._bounds(trace), len(trace.token_ids))
-    rows, ids = sup_mod._answer_rows(trace)
+    sent = sentence_index(sup_mod.sentence_bounds(trace), len(trace.token_ids))
+    rows, ids = sup_mod.answer_rows(trace)
     batch = fwd.pad(model, [trace.token_ids], [0])
     out = fwd.forward(model, batch, sup_mod._interp_hooks(model, u, sent), logits_at=[rows],
                       attention="eager")
-    return float(sup_mod._answer_score(out[0].float(), ids, "logodds"))
+    return float(sup_mod.answer_score(out[0].float(), ids, "logodds"))
 
 
 def test_attribution_is_the_slope_of_a_path_ending_at_suppression(model):

@@ -1,0 +1,179 @@
+"""Total effect of suppressing a thinking sentence: the model rewrites what follows.
+
+:func:`thinklens.circuits.suppression` (Bogdan et al. 2025, "Thought Anchors", arXiv
+2506.19143) measures *direct* effects: sentence ``j``'s keys are hidden but every later
+sentence stays as written, so a step whose value reaches the answer only through the
+steps after it (``a = 7 .`` → ``b = 7 - 2 = 5 .`` → answer) shows none. In the terms of
+causal mediation (Pearl 2001; Vig et al. 2020 for transformers) that is the direct
+effect; :func:`suppression_total` measures the **total** effect of the same
+intervention, with the text after ``j`` as the model writes it when it cannot see ``j``:
+
+1. Baseline: one eager pass of the trace scores its answer (teacher-forced, as in
+   :func:`~thinklens.circuits.suppression`'s step 4).
+2. For each thinking sentence ``j``: the prefix ``trace.token_ids[:end_j]`` (cut by
+   token position) is continued greedily by the ``hf`` engine on the bridged module tree
+   while a hook on every ``blocks.L.attn.hook_attn_scores`` sets the scores of ``j``'s key
+   columns to the dtype's minimum, for the prefix and every generated token. One request
+   per sentence (a padded batch would move the masked columns).
+3. The continuation is read as a trace (its own thinking and answer, extracted as the
+   trace's is). ``changed[j]`` = its answer differs from the trace's own answer.
+4. Scored answer: the continuation's thinking, then the trace's own closing text (the
+   tokens between its thinking and its answer, e.g. ``</think>``) and its answer,
+   teacher-forced with ``j`` still masked; ``answer_delta[j]`` / ``answer_logodds_delta[j]``
+   = that answer's log-probability / log-odds minus the baseline's, ``answer_kl[j]`` the
+   KL of the answer distributions summed over the answer tokens. A continuation that never
+   closes its thinking is closed there (``finished[j]`` False).
+
+Cost: one greedy generation (at most ``max_new_tokens``) and one pass per suppressed
+sentence, on the bridged tree (every hook point live), so far slower than
+:func:`~thinklens.circuits.suppression`'s batched passes.
+
+Example::
+
+    from thinklens.circuits import suppression_total
+
+    tot = suppression_total(model, trace)
+    tot.changed             # [sentence]: 1.0 where the rewritten thinking gives another answer
+    tot.rewritten[2]        # what the model wrote after sentence 2 without seeing it
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from thinklens.circuits.anchors_attention import (
+    answer_rows,
+    answer_score,
+    check_trace,
+    key_mask_hooks,
+    sentence_list,
+)
+from thinklens.errors import ConfigError
+from thinklens.hooks import forward as fwd
+from thinklens.hooks.answers import default_extractor
+from thinklens.hooks.engine import Request, Sampling
+from thinklens.hooks.generate import generate_ids
+from thinklens.hooks.trace import Trace, build_trace
+
+
+@dataclass
+class SuppressionTotal:
+    """Total effect on the answer of hiding each thinking sentence (module docstring).
+
+    Per sentence (NaN / None where not suppressed): ``changed`` (1.0 / 0.0), the answer
+    score changes ``answer_delta`` (log-probability) and ``answer_logodds_delta``, the
+    summed ``answer_kl``; ``answers`` the rewritten traces' answers, ``rewritten`` their
+    completion text after the sentence, ``finished`` whether they closed their thinking.
+    ``reference`` is the trace's own answer.
+    """
+
+    trace: Trace
+    sentences: list[str]
+    suppressed: list[int]
+    reference: str
+    changed: Float[Tensor, " sentence"]
+    answer_delta: Float[Tensor, " sentence"]
+    answer_logodds_delta: Float[Tensor, " sentence"]
+    answer_kl: Float[Tensor, " sentence"]
+    answers: list[str | None]
+    rewritten: list[str | None]
+    finished: list[bool | None]
+    baseline_logprob: float
+    baseline_logodds: float
+
+
+def suppression_total(model: Any, trace: Trace, *, sentences: Sequence[int] | None = None,
+                      max_new_tokens: int = 256,
+                      answer: Callable[[Trace], str | None] | None = None,
+                      progress: bool = False) -> SuppressionTotal:
+    """Hide each thinking sentence's keys, let the model rewrite the rest, score the answer.
+
+    ``sentences``: indices to suppress (default all); ``max_new_tokens``: the limit of
+    each rewrite; ``answer``: the extractor (default the model's, as traces use);
+    ``progress``: a progress bar over sentences.
+    """
+    check_trace(trace, "suppression_total")
+    which = sentence_list(trace, sentences)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+            max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r}; give an integer >= 1")
+    fwd.as_traces(model, [trace])
+    extract = default_extractor(model) if answer is None else answer
+    reference = extract(trace)
+    if reference is None:
+        raise ConfigError(f"suppression_total: the answer extractor found no answer in the "
+                          f"trace (answer text {trace.answer_text[:60]!r}); give answer=... "
+                          "that finds it")
+    ids = list(trace.token_ids)
+    te, (a0, a1) = trace.think_span.end, (trace.answer_span.start, trace.answer_span.end)
+    closing, ans_ids = ids[te:a0], ids[a0:a1]
+    sent_of = trace.sentence_of_token()
+    base_rows, _ = answer_rows(trace)
+    base = _score(model, ids, base_rows, None)
+    base_logp = base.log_softmax(-1)
+    base_lp, base_lo = (float(answer_score(base, ans_ids, m)) for m in ("logprob", "logodds"))
+    n = len(trace.sentences)
+    changed, delta, odds, kl = (torch.full((n,), float("nan")) for _ in range(4))
+    answers: list[str | None] = [None] * n
+    rewritten: list[str | None] = [None] * n
+    finished: list[bool | None] = [None] * n
+    bar = _bar(which, progress)
+    for j in bar:
+        end = trace.sentences[j].end
+        hidden = [k for k in range(end) if sent_of[k] == j]
+        mask = _mask(hidden, end + max_new_tokens + len(closing) + len(ans_ids) + 1)
+        with model.hooks(key_mask_hooks(model, mask)):
+            [[done]] = generate_ids(model, [Request(ids[:end])],
+                                    Sampling(max_new_tokens=max_new_tokens), engine="hf",
+                                    progress=False)
+        new = build_trace(model.tokenizer, prompt=trace.prompt,
+                          rendered_prompt=model.render_prompt(trace.prompt),
+                          completion_ids=ids[trace.prompt_span.end:end] + list(done.ids),
+                          model_name=model.name, segmenter=model.segmenter,
+                          annotator=model.annotator,
+                          thinking=trace.meta.get("thinking", "auto"))
+        closed = new.think_span.end < len(new.token_ids) and len(new.answer_span) > 0
+        stop = new.think_span.end if closed else len(new.token_ids)
+        seq = list(new.token_ids[:stop]) + closing + ans_ids
+        rows = list(range(stop + len(closing) - 1, stop + len(closing) + len(ans_ids) - 1))
+        logits = _score(model, seq, rows, mask)
+        got = extract(new) if closed else None
+        answers[j], finished[j] = got, closed
+        rewritten[j] = model.tokenizer.decode(list(done.ids))
+        changed[j] = float(got != reference)
+        delta[j] = float(answer_score(logits, ans_ids, "logprob")) - base_lp
+        odds[j] = float(answer_score(logits, ans_ids, "logodds")) - base_lo
+        kl[j] = float((base_logp.exp() * (base_logp - logits.log_softmax(-1))).sum())
+    return SuppressionTotal(trace, [s.text for s in trace.sentences], which, reference,
+                            changed, delta, odds, kl, answers, rewritten, finished,
+                            base_lp, base_lo)
+
+
+def _mask(hidden: list[int], length: int) -> Tensor:
+    out = torch.zeros((1, length), dtype=torch.bool)
+    out[0, hidden] = True
+    return out
+
+
+def _score(model: Any, seq: list[int], rows: list[int], mask: Tensor | None) -> Tensor:
+    """Float32 logits ``[len(rows), d_vocab]`` of one eager pass of ``seq`` (keys masked)."""
+    hooks = [] if mask is None else key_mask_hooks(model, mask)
+    out = fwd.forward(model, fwd.pad(model, [seq], [0]), hooks, logits_at=[rows],
+                      attention="eager")
+    return out[0].detach().float().cpu()
+
+
+def _bar(which: list[int], progress: bool):
+    if not progress:
+        return which
+    return tqdm(which, desc="suppression_total", leave=False)
+
+
+__all__ = ["SuppressionTotal", "suppression_total"]

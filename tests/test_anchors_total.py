@@ -1,0 +1,108 @@
+"""Total effect of suppression (``circuits.suppression_total``).
+
+Reference: a fresh Hugging Face model (eager attention, fp32) decoding greedily by hand,
+one full forward per token, with a 4D additive mask that hides sentence j's key columns
+from every query (prefix and generated tokens); then the trace's closing text and answer
+teacher-forced under the same mask. Generated ids must be equal, answer scores within
+1e-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import thinklens
+from thinklens import Trace, circuits
+from thinklens.errors import ConfigError, PositionError
+from thinklens.zoo.backtrack import backtrack_folder
+from thinklens.zoo.organism import organism_folder
+
+PROMPT = "c = b + 4 ; a = 7 ; b = a - 2 ; ? c"
+COMPLETION = ("c = b + 4 . b = a - 2 . a = 7 . b = 7 - 2 = 5 . c = 5 + 4 = 9 . "
+              "</think> 9 <eos>")
+BACKTRACK = "h = g + 9 ; c = b + 4 ; g = 3 ; a = 7 ; b = a - 2 ; ? c"
+
+
+@pytest.fixture(scope="module")
+def backtrack():
+    return thinklens.load("organism-backtrack")
+
+
+def _mask(n: int, hidden: range) -> torch.Tensor:
+    allow = torch.ones(n, n, dtype=torch.bool).tril()
+    allow[:, hidden.start:hidden.stop] = False
+    return torch.zeros(1, 1, n, n).masked_fill(~allow, torch.finfo(torch.float32).min)
+
+
+def _hf_logp(hf, ids: list[int], hidden: range) -> torch.Tensor:
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), attention_mask=_mask(len(ids), hidden))
+    return out.logits[0].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("which", ["organism", "backtrack"])
+def test_total_effect_equals_hf_greedy_decoding_by_hand(which, organism, backtrack):
+    model, folder = (organism, organism_folder()) if which == "organism" else \
+        (backtrack, backtrack_folder())
+    trace = Trace.from_text(model, PROMPT, COMPLETION) if which == "organism" else \
+        model.think(BACKTRACK)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    limit = 48
+    res = circuits.suppression_total(model, trace, max_new_tokens=limit)
+    ids = list(trace.token_ids)
+    te, a0, a1 = trace.think_span.end, trace.answer_span.start, trace.answer_span.end
+    close, ans = ids[te:a0], ids[a0:a1]
+    eos = model.tokenizer.eos_token_id
+    base = _hf_logp(hf, ids, range(0))
+    base_lp = float(sum(base[a0 - 1 + k, t] for k, t in enumerate(ans)))
+    assert res.baseline_logprob == pytest.approx(base_lp, abs=1e-4)
+    for j, s in enumerate(trace.sentences):
+        hidden = range(s.start, s.end)
+        gen = ids[:s.end]
+        while len(gen) < s.end + limit:
+            nxt = int(_hf_logp(hf, gen, hidden)[-1].argmax())
+            gen.append(nxt)
+            if nxt == eos:
+                break
+        assert res.rewritten[j] == model.tokenizer.decode(gen[s.end:])
+        stop = gen.index(close[0], s.end) if close[0] in gen[s.end:] else len(gen)
+        seq = gen[:stop] + close + ans
+        lp = _hf_logp(hf, seq, hidden)
+        got = float(sum(lp[stop + len(close) - 1 + k, t] for k, t in enumerate(ans)))
+        assert float(res.answer_delta[j]) == pytest.approx(got - base_lp, abs=1e-4)
+        assert res.finished[j] == (stop < len(gen))
+        if res.finished[j]:
+            written = model.tokenizer.decode(gen[stop + len(close):]).replace("<eos>", "")
+            assert res.answers[j] == written.strip()
+            assert float(res.changed[j]) == float(res.answers[j] != res.reference)
+        assert float(res.answer_kl[j]) >= 0.0
+
+
+def test_hiding_the_step_the_answer_copies_changes_the_answer_or_is_redone(backtrack):
+    """Meaning: hiding the last compute step, the model either writes it again (the answer
+    stays) or cannot (the answer changes) — never keeps the old answer without a step."""
+    trace = backtrack.think(BACKTRACK)
+    last = len(trace.sentences) - 1
+    res = circuits.suppression_total(backtrack, trace, sentences=[last], max_new_tokens=48)
+    text = res.rewritten[last]
+    assert res.suppressed == [last]
+    assert torch.isnan(res.changed[:last]).all()
+    if float(res.changed[last]) == 0.0:
+        assert "c =" in text.split("</think>")[0]   # c's step was written again
+    assert res.reference == trace.answer_text.replace("<eos>", "").strip()
+
+
+def test_bad_input_is_refused_before_any_pass(organism):
+    empty = Trace.from_text(organism, "a = 3 ; ? a", "</think> 3 <eos>")
+    with pytest.raises(ConfigError, match="no thinking sentences"):
+        circuits.suppression_total(organism, empty)
+    trace = Trace.from_text(organism, PROMPT, COMPLETION)
+    with pytest.raises(PositionError, match="sentence index 5 out of range.*valid 0..4"):
+        circuits.suppression_total(organism, trace, sentences=[5])
+    with pytest.raises(ConfigError, match="max_new_tokens=0"):
+        circuits.suppression_total(organism, trace, max_new_tokens=0)
+    with pytest.raises(ConfigError, match="found no answer"):
+        circuits.suppression_total(organism, trace, answer=lambda t: None)
