@@ -178,7 +178,8 @@ def forced_answer(model: Any, trace: Trace, *, reference: str | None = None,
         raise ConfigError(f"prefix={prefix!r} has no tokens; candidate answers need a closing "
                           "text to follow, e.g. '\\n</think>\\n\\n'")
     cuts = [trace.sentences[0].start] + [s.end for s in trace.sentences]
-    blocks = [close] if mode == "next_token" else [close + t for t in tails]
+    # a candidate's last token is only predicted: it is not fed
+    blocks = [close] if mode == "next_token" else [close + t[:-1] for t in tails]
     reads = [[len(close) - 1]] if mode == "next_token" else \
         [list(range(len(close) - 1, len(close) + len(t) - 1)) for t in tails]
     logp = _block_logprobs(model, trace.token_ids, cuts, blocks, reads, shared_prefix,
