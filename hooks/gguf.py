@@ -86,7 +86,7 @@ def cached_folder(path: str | os.PathLike[str], dtype: torch.dtype = torch.float
 
     path = Path(path)
     dt = str(dtype).removeprefix("torch.")
-    target = cache_root() / "gguf" / f"{file_hash(path)}-{dt}"
+    target = _target(path, dtype)
     if (target / "done.json").is_file():
         return target
     if before_converting is not None:
@@ -113,6 +113,18 @@ def cached_folder(path: str | os.PathLike[str], dtype: torch.dtype = torch.float
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _target(path: Path, dtype: torch.dtype) -> Path:
+    return cache_root() / "gguf" / f"{file_hash(path)}-{str(dtype).removeprefix('torch.')}"
+
+
+def converted_folder(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+                     ) -> Path | None:
+    """The folder :func:`cached_folder` made from ``path`` in ``dtype``, or None (nothing is
+    converted here): what an engine that reads no GGUF (vLLM) loads instead."""
+    target = _target(Path(path), dtype)
+    return target if (target / "done.json").is_file() else None
 
 
 def use_cache() -> bool:
@@ -238,5 +250,5 @@ def header_tokenizer(path: str | os.PathLike[str], folder: str | os.PathLike[str
     return folder
 
 
-__all__ = ["cache_root", "cached_folder", "file_hash", "header_tokenizer", "read_header",
+__all__ = ["cache_root", "cached_folder", "converted_folder", "file_hash", "header_tokenizer", "read_header",
            "use_cache"]

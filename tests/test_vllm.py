@@ -166,6 +166,31 @@ def test_a_model_without_source_and_unknown_options_are_refused(served):
 
 
 @needs_vllm
+def test_a_gguf_model_starts_vllm_on_its_converted_folder(served, tmp_path, monkeypatch):
+    """A Model loaded from a .gguf (converted once into a cached folder, hooks/gguf.py):
+    vLLM, which reads no GGUF, is given that folder; without it, the refusal stands."""
+    import vllm
+
+    from thinklens.hooks.engine_vllm import _llm_options
+    from thinklens.hooks.gguf import converted_folder, file_hash
+    from thinklens.hooks.wrapper import Model
+
+    monkeypatch.setenv("THINKLENS_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "smol.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF not really")
+    model = Model(name="smol", bridge=served.bridge, tokenizer=served.tokenizer,
+                  source=str(gguf))
+    assert converted_folder(gguf) is None
+    with pytest.raises(ModelLoadError, match=r"GGUF.*engine='hf'"):
+        _llm_options(vllm, model, {})
+    folder = tmp_path / "cache" / "gguf" / f"{file_hash(gguf)}-float32"
+    folder.mkdir(parents=True)
+    (folder / "done.json").write_text("{}")
+    assert converted_folder(gguf) == folder
+    assert _llm_options(vllm, model, {})["model"] == str(folder)
+
+
+@needs_vllm
 def test_an_engine_vllm_fails_to_start_says_why_and_names_hf(served):
     # max_model_len above the model's context is refused by vLLM while it starts
     with pytest.raises(ModelLoadError, match=r"(?s)max_model_len.*engine='hf'"):
