@@ -13,6 +13,9 @@
    when it is registered, else ``organism``) at ``n`` = 50 rollouts per cut point, on the
    ``hf`` and the ``vllm`` engine (when vLLM is installed): wall time of the whole call,
    tokens generated.
+3. **Total effect** (``circuits.suppression_total``) of the same organism's trace against
+   the plain ``hf`` generation of the same prefixes (one per sentence, no hidden keys,
+   the same ``max_new_tokens``) and against direct ``suppression``, interleaved rounds.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from common import (
 )
 
 import thinklens
-from thinklens.circuits import forced_answer, resampling
-from thinklens.hooks.generate import engine_for
+from thinklens.circuits import forced_answer, resampling, suppression, suppression_total
+from thinklens.hooks.engine import Request, Sampling
+from thinklens.hooks.generate import engine_for, generate_ids
 from thinklens.hooks.task import registered_models
 
 BODY = ("Let me compute 12 + 7 first. That gives 19. Wait, I should check it again. "
@@ -120,6 +124,34 @@ def _resampling(args) -> dict:
     return out
 
 
+def _total(args) -> dict:
+    """``suppression_total`` of one organism trace against the plain greedy generation of
+    the same prefixes (no hidden keys) and against direct ``suppression``, interleaved."""
+    name = args.organism or ("organism-backtrack" if "organism-backtrack" in registered_models()
+                             else "organism")
+    model = thinklens.load(name)
+    prompt = model.task.example_prompts[-1] if name != "organism" else ORGANISM_PROMPT
+    trace = model.think(prompt, max_new_tokens=256)  # finished: its answer is scored
+    ids = list(trace.token_ids)
+    reqs = [Request(ids[:s.end]) for s in trace.sentences]
+    sampling = Sampling(max_new_tokens=args.max_new_tokens)
+    fns = {"generate (plain, same prefixes)":
+           lambda: generate_ids(model, reqs, sampling, engine="hf", progress=False,
+                                batch_size=16),
+           "suppression_total": lambda: suppression_total(
+               model, trace, max_new_tokens=args.max_new_tokens),
+           "suppression (direct)": lambda: suppression(model, trace)}
+    times, _ = interleaved(fns, repeats=args.rounds, warmup=1)
+    res = summary(times, "generate (plain, same prefixes)")
+    rows = [[k, f"{statistics.median(times['wall'][k]):.3f}", f"{res[k]['wall']['ratio']:.2f}",
+             f"{res[k]['cpu']['ratio']:.2f}"] for k in fns]
+    print(f"suppression_total: {name}, {prompt!r}, {len(trace.sentences)} sentences, "
+          f"max_new_tokens {args.max_new_tokens}")
+    print(table(rows, ["method", "wall s", "wall / generate", "cpu / generate"]))
+    return {"model": name, "prompt": prompt, "sentences": len(trace.sentences),
+            "results": res}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=1024, help="length of the forced-answer trace")
@@ -128,15 +160,18 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--organism", default=None, help="default: organism-backtrack if registered")
-    p.add_argument("--skip", choices=["forced", "resampling"], default=None)
+    p.add_argument("--skip", choices=["forced", "resampling", "total"], action="append",
+                   default=[], help="a part not to run (repeatable)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     setup_threads(args.threads)
     payload = {"machine": machine_info(), "args": vars(args)}
-    if args.skip != "forced":
+    if "forced" not in args.skip:
         payload["forced_answer"] = _forced(args)
-    if args.skip != "resampling":
+    if "resampling" not in args.skip:
         payload["resampling"] = _resampling(args)
+    if "total" not in args.skip:
+        payload["total"] = _total(args)
     payload["machine_after"] = machine_info()
     path = save("anchors-cpu", payload, args.out)
     print(f"wrote {path}")

@@ -11,10 +11,11 @@ intervention, with the text after ``j`` as the model writes it when it cannot se
 1. Baseline: one eager pass of the trace scores its answer (teacher-forced, as in
    :func:`~thinklens.circuits.suppression`'s step 4).
 2. For each thinking sentence ``j``: the prefix ``trace.token_ids[:end_j]`` (cut by
-   token position) is continued greedily by the ``hf`` engine on the bridged module tree
-   while a hook on every ``blocks.L.attn.hook_attn_scores`` sets the scores of ``j``'s key
-   columns to the dtype's minimum, for the prefix and every generated token. One request
-   per sentence (a padded batch would move the masked columns).
+   token position) is continued greedily by the ``hf`` engine with ``j``'s keys hidden
+   from every query, in the prefix and at every generated token
+   (``Request(hidden=...)``: zeros in the attention mask, positions unchanged; the same
+   masking as a hook setting those score columns to the minimum). All sentences' rewrites
+   go to the engine in one call (batched, SDPA, no hooks).
 3. The continuation is read as a trace (its own thinking and answer, extracted as the
    trace's is). ``changed[j]`` = its answer differs from the trace's own answer.
 4. Scored answer: the continuation's thinking, then the trace's own closing text (the
@@ -24,9 +25,8 @@ intervention, with the text after ``j`` as the model writes it when it cannot se
    KL of the answer distributions summed over the answer tokens. A continuation that never
    closes its thinking is closed there (``finished[j]`` False).
 
-Cost: one greedy generation (at most ``max_new_tokens``) and one pass per suppressed
-sentence, on the bridged tree (every hook point live), so far slower than
-:func:`~thinklens.circuits.suppression`'s batched passes.
+Cost: one greedy rewrite per suppressed sentence (at most ``max_new_tokens``, batched by
+the engine) and one eager scoring pass per ``batch_size`` sentences.
 
 Example::
 
@@ -46,7 +46,6 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from thinklens.circuits.anchors_attention import (
     answer_rows,
@@ -92,18 +91,19 @@ class SuppressionTotal:
 def suppression_total(model: Any, trace: Trace, *, sentences: Sequence[int] | None = None,
                       max_new_tokens: int = 256,
                       answer: Callable[[Trace], str | None] | None = None,
-                      progress: bool = False) -> SuppressionTotal:
+                      batch_size: int = 16, progress: bool = False) -> SuppressionTotal:
     """Hide each thinking sentence's keys, let the model rewrite the rest, score the answer.
 
     ``sentences``: indices to suppress (default all); ``max_new_tokens``: the limit of
     each rewrite; ``answer``: the extractor (default the model's, as traces use);
-    ``progress``: a progress bar over sentences.
+    ``batch_size``: rewrites per decoding batch and scored sequences per pass;
+    ``progress``: a progress bar over the generated tokens.
     """
     check_trace(trace, "suppression_total")
     which = sentence_list(trace, sentences)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
-            max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens!r}; give an integer >= 1")
+    for name, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name}={v!r}; give an integer >= 1")
     fwd.as_traces(model, [trace])
     extract = default_extractor(model) if answer is None else answer
     reference = extract(trace)
@@ -116,64 +116,59 @@ def suppression_total(model: Any, trace: Trace, *, sentences: Sequence[int] | No
     closing, ans_ids = ids[te:a0], ids[a0:a1]
     sent_of = trace.sentence_of_token()
     base_rows, _ = answer_rows(trace)
-    base = _score(model, ids, base_rows, None)
+    base = _score(model, [ids], [base_rows], [[]])[0]
     base_logp = base.log_softmax(-1)
     base_lp, base_lo = (float(answer_score(base, ans_ids, m)) for m in ("logprob", "logodds"))
+    ends = [trace.sentences[j].end for j in which]
+    hidden = [[k for k in range(end) if sent_of[k] == j] for j, end in zip(which, ends)]
+    # step 2: every rewrite in one engine call; the hidden keys ride in the attention mask
+    done = generate_ids(model, [Request(ids[:end], hidden=tuple(h))
+                                for end, h in zip(ends, hidden)],
+                        Sampling(max_new_tokens=max_new_tokens), engine="hf",
+                        progress=progress, batch_size=batch_size)
     n = len(trace.sentences)
     changed, delta, odds, kl = (torch.full((n,), float("nan")) for _ in range(4))
     answers: list[str | None] = [None] * n
     rewritten: list[str | None] = [None] * n
     finished: list[bool | None] = [None] * n
-    bar = _bar(which, progress)
-    for j in bar:
-        end = trace.sentences[j].end
-        hidden = [k for k in range(end) if sent_of[k] == j]
-        mask = _mask(hidden, end + max_new_tokens + len(closing) + len(ans_ids) + 1)
-        with model.hooks(key_mask_hooks(model, mask)):
-            [[done]] = generate_ids(model, [Request(ids[:end])],
-                                    Sampling(max_new_tokens=max_new_tokens), engine="hf",
-                                    progress=False)
+    seqs, rows = [], []
+    for j, end, [c] in zip(which, ends, done):
         new = build_trace(model.tokenizer, prompt=trace.prompt,
                           rendered_prompt=model.render_prompt(trace.prompt),
-                          completion_ids=ids[trace.prompt_span.end:end] + list(done.ids),
+                          completion_ids=ids[trace.prompt_span.end:end] + list(c.ids),
                           model_name=model.name, segmenter=model.segmenter,
                           annotator=model.annotator,
                           thinking=trace.meta.get("thinking", "auto"))
         closed = new.think_span.end < len(new.token_ids) and len(new.answer_span) > 0
         stop = new.think_span.end if closed else len(new.token_ids)
-        seq = list(new.token_ids[:stop]) + closing + ans_ids
-        rows = list(range(stop + len(closing) - 1, stop + len(closing) + len(ans_ids) - 1))
-        logits = _score(model, seq, rows, mask)
+        seqs.append(list(new.token_ids[:stop]) + closing + ans_ids)
+        rows.append(list(range(stop + len(closing) - 1, stop + len(closing) + len(ans_ids) - 1)))
         got = extract(new) if closed else None
-        answers[j], finished[j] = got, closed
-        rewritten[j] = model.tokenizer.decode(list(done.ids))
-        changed[j] = float(got != reference)
-        delta[j] = float(answer_score(logits, ans_ids, "logprob")) - base_lp
-        odds[j] = float(answer_score(logits, ans_ids, "logodds")) - base_lo
-        kl[j] = float((base_logp.exp() * (base_logp - logits.log_softmax(-1))).sum())
+        answers[j], finished[j], changed[j] = got, closed, float(got != reference)
+        rewritten[j] = model.tokenizer.decode(list(c.ids))
+    # step 4: the trace's answer after each rewrite, still masked, batch_size per pass
+    for a in range(0, len(which), batch_size):
+        part = slice(a, a + batch_size)
+        for j, logits in zip(which[part], _score(model, seqs[part], rows[part], hidden[part])):
+            delta[j] = float(answer_score(logits, ans_ids, "logprob")) - base_lp
+            odds[j] = float(answer_score(logits, ans_ids, "logodds")) - base_lo
+            kl[j] = float((base_logp.exp() * (base_logp - logits.log_softmax(-1))).sum())
     return SuppressionTotal(trace, [s.text for s in trace.sentences], which, reference,
                             changed, delta, odds, kl, answers, rewritten, finished,
                             base_lp, base_lo)
 
 
-def _mask(hidden: list[int], length: int) -> Tensor:
-    out = torch.zeros((1, length), dtype=torch.bool)
-    out[0, hidden] = True
-    return out
-
-
-def _score(model: Any, seq: list[int], rows: list[int], mask: Tensor | None) -> Tensor:
-    """Float32 logits ``[len(rows), d_vocab]`` of one eager pass of ``seq`` (keys masked)."""
-    hooks = [] if mask is None else key_mask_hooks(model, mask)
-    out = fwd.forward(model, fwd.pad(model, [seq], [0]), hooks, logits_at=[rows],
+def _score(model: Any, seqs: list[list[int]], rows: list[list[int]],
+           hidden: list[list[int]]) -> list[Tensor]:
+    """Per sequence, float32 logits ``[len(rows[r]), d_vocab]`` of one eager pass of the
+    right-padded batch, with row ``r``'s keys at ``hidden[r]`` masked."""
+    batch = fwd.pad(model, seqs, list(range(len(seqs))))
+    mask = torch.zeros((len(seqs), batch.ids.shape[1]), dtype=torch.bool)
+    for r, h in enumerate(hidden):
+        mask[r, h] = True
+    out = fwd.forward(model, batch, key_mask_hooks(model, mask), logits_at=rows,
                       attention="eager")
-    return out[0].detach().float().cpu()
-
-
-def _bar(which: list[int], progress: bool):
-    if not progress:
-        return which
-    return tqdm(which, desc="suppression_total", leave=False)
+    return [x.detach().float().cpu() for x in out]
 
 
 __all__ = ["SuppressionTotal", "suppression_total"]

@@ -31,11 +31,18 @@ ENGINES = ("hf", "vllm")
 @dataclass(frozen=True)
 class Request:
     """One prefix to continue ``n`` times; ``prompt_ids`` holds every token before the first
-    generated one (chat template, prompt, and any given part of the thinking)."""
+    generated one (chat template, prompt, and any given part of the thinking).
+
+    ``hidden``: positions of ``prompt_ids`` whose keys no query may attend to, in the
+    prefix or while generating (attention suppression of a sentence, then continuing;
+    the ``"hf"`` engine only). Positions are not renumbered: a hidden token keeps its
+    position id, as with a key mask in the scores.
+    """
 
     prompt_ids: list[int]
     n: int = 1
     seed: int | None = None
+    hidden: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,10 @@ class HFEngine:
                 raise ConfigError(f"request {k}: n={r.n!r}; give an integer >= 1")
             if not r.prompt_ids:
                 raise ConfigError(f"request {k} has no prompt ids; give at least one token")
+            bad = [h for h in r.hidden if not 0 <= h < len(r.prompt_ids)]
+            if bad:
+                raise ConfigError(f"request {k}: hidden position {bad[0]} is outside its "
+                                  f"{len(r.prompt_ids)} prompt ids (valid 0..{len(r.prompt_ids) - 1})")
         seeds = [r.seed if r.seed is not None else int(torch.randint(2**62, ()))
                  for r in requests]
         net, plain = self.net()
@@ -169,16 +173,17 @@ class HFEngine:
             with ctx:
                 for group in _pack(requests, rows):
                     # requests with the same prefix share one prefill row
-                    row_of: dict[tuple[int, ...], int] = {}
+                    row_of: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
                     for i in group:
-                        row_of.setdefault(tuple(requests[i].prompt_ids), len(row_of))
-                    pre = _prefill(net, [list(k) for k in row_of], self.model)
+                        row_of.setdefault(_key(requests[i]), len(row_of))
+                    pre = _prefill(net, [list(k) for k, _ in row_of],
+                                   [list(h) for _, h in row_of], self.model)
                     units = [(i, j) for i in group for j in range(requests[i].n)]
                     for a in range(0, len(units), rows):
                         chunk = units[a:a + rows]
                         gens = [torch.Generator().manual_seed(sample_seed(seeds[i], j))
                                 for i, j in chunk]
-                        owner = [row_of[tuple(requests[i].prompt_ids)] for i, _ in chunk]
+                        owner = [row_of[_key(requests[i])] for i, _ in chunk]
                         done = _decode(net, pre, owner, gens, sampling, stops, bar, t0)
                         for (i, j), c in zip(chunk, done):
                             out[i][j] = c
@@ -189,6 +194,11 @@ class HFEngine:
     def close(self) -> None:
         """Drop the plain module tree (the weights stay: they are the bridge's)."""
         self._plain = None
+
+
+def _key(r: Request) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Requests with equal prefixes and equal hidden keys share one prefill row."""
+    return tuple(r.prompt_ids), tuple(sorted(set(r.hidden)))
 
 
 def _pack(requests: Sequence[Request], rows: int) -> list[list[int]]:
@@ -213,8 +223,12 @@ def _forward(net: nn.Module, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any)
     return logits[:, -1].float()
 
 
-def _prefill(net: nn.Module, prompts: list[list[int]], model: Any) -> dict[str, Any]:
-    """One left-padded forward pass over ``prompts``: cache, last logits, mask, next position."""
+def _prefill(net: nn.Module, prompts: list[list[int]], hidden: list[list[int]],
+             model: Any) -> dict[str, Any]:
+    """One left-padded forward pass over ``prompts``: cache, last logits, mask, next position.
+
+    ``hidden[r]``: positions of prompt ``r`` whose keys are masked (0 in the attention
+    mask, which every later step keeps); position ids count the padding only."""
     from transformers import DynamicCache
 
     device, width = model.device, max(map(len, prompts))
@@ -226,6 +240,9 @@ def _prefill(net: nn.Module, prompts: list[list[int]], model: Any) -> dict[str, 
         mask[r, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    for r, (p, h) in enumerate(zip(prompts, hidden)):
+        if h:
+            mask[r, torch.tensor(h, device=device) + (width - len(p))] = 0
     cache = DynamicCache(config=net.config)
     logits = _forward(net, ids, mask, pos, cache)
     return {"cache": cache, "logits": logits, "mask": mask, "next": pos[:, -1] + 1,

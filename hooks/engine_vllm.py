@@ -227,6 +227,10 @@ class VLLMEngine:
         greedy = sampling.temperature == 0
         prompts, params, groups = [], [], []  # groups: the request of each vLLM prompt
         for k, r in enumerate(requests):
+            if r.hidden:
+                raise ConfigError(f"request {k} hides {len(r.hidden)} key position(s); vLLM "
+                                  "has no per-request key mask: use engine='hf'")
+        for k, r in enumerate(requests):
             for n, seed in _vllm_requests(r, greedy):
                 prompts.append(self._prompt(prompt_token_ids=list(r.prompt_ids)))
                 params.append(self._params(

@@ -95,6 +95,28 @@ def test_hiding_the_step_the_answer_copies_changes_the_answer_or_is_redone(backt
     assert res.reference == trace.answer_text.replace("<eos>", "").strip()
 
 
+def test_hidden_keys_in_the_engine_equal_a_score_mask_hook(backtrack):
+    """Request(hidden=...) (zeros in the plain tree's attention mask, batched, left-padded)
+    decodes what a hook masking those score columns decodes on the bridged tree."""
+    from thinklens.circuits.anchors_attention import key_mask_hooks
+    from thinklens.hooks.engine import Request, Sampling
+    from thinklens.hooks.generate import generate_ids
+
+    trace = backtrack.think(BACKTRACK)
+    ids, sampling = list(trace.token_ids), Sampling(max_new_tokens=24)
+    reqs = [Request(ids[:s.end], hidden=tuple(range(s.start, s.end)))
+            for s in trace.sentences]
+    batched = generate_ids(backtrack, reqs, sampling, engine="hf", batch_size=4)
+    for r, [got] in zip(reqs, batched):
+        mask = torch.zeros((1, len(r.prompt_ids) + 30), dtype=torch.bool)
+        mask[0, list(r.hidden)] = True
+        with backtrack.hooks(key_mask_hooks(backtrack, mask)):
+            [[want]] = generate_ids(backtrack, [Request(r.prompt_ids)], sampling, engine="hf")
+        assert got.ids == want.ids
+    with pytest.raises(ConfigError, match="hidden position 99 is outside its 3 prompt ids"):
+        generate_ids(backtrack, [Request([1, 2, 3], hidden=(99,))], sampling, engine="hf")
+
+
 def test_bad_input_is_refused_before_any_pass(organism):
     empty = Trace.from_text(organism, "a = 3 ; ? a", "</think> 3 <eos>")
     with pytest.raises(ConfigError, match="no thinking sentences"):
@@ -104,5 +126,7 @@ def test_bad_input_is_refused_before_any_pass(organism):
         circuits.suppression_total(organism, trace, sentences=[5])
     with pytest.raises(ConfigError, match="max_new_tokens=0"):
         circuits.suppression_total(organism, trace, max_new_tokens=0)
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        circuits.suppression_total(organism, trace, batch_size=0)
     with pytest.raises(ConfigError, match="found no answer"):
         circuits.suppression_total(organism, trace, answer=lambda t: None)

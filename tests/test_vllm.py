@@ -128,6 +128,8 @@ def test_the_engine_refuses_active_hooks(served):
     assert served.n_hooks() == 0
     [[c]] = eng.generate([Request(ids)], Sampling(max_new_tokens=8))  # usable again
     assert len(c.ids) >= 1
+    with pytest.raises(ConfigError, match="hides 2 key position.*engine='hf'"):
+        eng.generate([Request(ids, hidden=(3, 4))], Sampling(max_new_tokens=8))
 
 
 @needs_vllm
