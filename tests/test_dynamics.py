@@ -165,3 +165,48 @@ def test_the_second_organism_has_the_same_phase_change():
     mean = [sum(by_step[s].values()) / len(by_step[s]) for s in dyn.steps]
     assert _largest_rise(dyn.labels, dyn.series("heads.lookup", head))[0] == \
         _largest_rise(dyn.labels, mean)[0]
+
+
+def test_probe_measure_equals_a_sweep_at_each_checkpoint():
+    """The probe measure at two checkpoints is the sweep run by hand on each, and the
+    value probe gets better with training (step 250 -> final)."""
+    from thinklens import probes
+    from thinklens.circuits import reference_traces
+
+    ck, _ = D.checkpoints("organism")
+    pick = [ck[0], ck[-1]]
+    sites = "blocks.*.hook_resid_post"
+    dyn = D.run_dynamics(pick, D.probe_measure("organism.value", sites, n=24, n_boot=10),
+                         progress=False)
+    for c, got in zip(pick, dyn.rows):
+        model = c.load()
+        trs = reference_traces(model, 24, 0)
+        cap = model.capture(trs, sites=sites, progress=False)
+        ls = model.task.label_sets["organism.value"]
+        ref = probes.sweep(cap, sites, ls.make(trs, None), level=ls.level, n_boot=10, seed=0)
+        assert got["probe.accuracy"] == pytest.approx(ref.metrics["accuracy"][0].tolist(),
+                                                      abs=1e-9)
+        assert got["probe.selectivity"] == pytest.approx(ref.selectivity[0].tolist(), abs=1e-9)
+    first, last = (max(v["probe.accuracy"]) for v in dyn.rows)
+    assert last > first + 0.1
+    with pytest.raises(ConfigError, match="no label set 'organism.nope'.*organism.value"):
+        D.run_dynamics(pick[:1], D.probe_measure("organism.nope"), progress=False)
+
+
+def test_faithfulness_measure_equals_the_circuit_at_each_checkpoint(organism):
+    """A circuit found on the final organism, measured at two checkpoints, is its own
+    faithfulness computed on each checkpoint's study pair."""
+    from thinklens import circuits
+
+    pair_of = lambda m: m.task.study_pair(m, m.task.example_prompts)  # noqa: E731
+    circuit = circuits.eap(organism, pair_of(organism), steps=2).top(n=30)
+    ck, _ = D.checkpoints("organism")
+    pick = [ck[1], ck[-1]]
+    dyn = D.run_dynamics(pick, D.faithfulness_measure(circuit), progress=False)
+    for c, got in zip(pick, dyn.rows):
+        model = c.load()
+        assert got["faithfulness"] == pytest.approx(circuit.faithfulness(model, pair_of(model)),
+                                                    abs=1e-6)
+        assert got["edges"] == circuit.n_edges
+    assert dyn.rows[-1]["faithfulness"] == pytest.approx(
+        circuit.faithfulness(organism, pair_of(organism)), abs=1e-6)
