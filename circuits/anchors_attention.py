@@ -31,7 +31,9 @@
    ``chain[j]`` is the widest path from ``j`` to the answer in that graph (a path is as
    wide as its narrowest edge; ``chain[j] = max(answer_drop[j], max_i min(token_drop[i, j],
    chain[i]))``, from the last sentence back), in [0, 1]. It assumes that a change of
-   what ``i`` writes acts on the answer as suppressing ``i`` does.
+   what ``i`` writes acts on the answer as suppressing ``i`` does. The exact total effect
+   (the rest rewritten by the model under the mask) is
+   :func:`thinklens.circuits.suppression_total`.
 
 **Sentence attribution** (attribution patching, Nanda 2023 / Kramár et al. 2024, applied
 to the key mask; one forward and one backward pass):
