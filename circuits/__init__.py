@@ -52,7 +52,8 @@ __all__ = ["patch", "path_patch", "PatchResult", "make_pair", "counterfactual_pa
            "FaithfulnessCurve", "faithfulness_curve",
            "head_scores", "HeadScores", "icl_score", "ICLScore", "reference_traces",
            "receiver_heads", "ReceiverHeads", "fisher_kurtosis", "suppression",
-           "SuppressionResult", "suppression_total", "SuppressionTotal", "sentence_attribution", "SentenceAttribution",
+           "SuppressionResult", "suppression_total", "SuppressionTotal",
+           "sentence_attribution", "SentenceAttribution",
            "forced_answer", "ForcedAnswer", "resampling", "Resampling", "exact_comparator",
            "embedding_comparator", "early_answering", "EarlyAnswering", "filler_tokens",
            "FillerTokens", "added_mistake", "AddedMistake", "paraphrase", "Paraphrase"]

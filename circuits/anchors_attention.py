@@ -176,6 +176,16 @@ def key_mask_hooks(model, key_mask: Tensor) -> list[fwd.Hook]:
     return [(s, fn) for s in _score_sites(model)]
 
 
+def masked_logits(model, seqs: Sequence[Sequence[int]], rows: Sequence[Sequence[int]],
+                  key_mask: Tensor) -> list[Tensor]:
+    """Per sequence, float32 CPU logits ``[len(rows[r]), d_vocab]`` of one eager pass of the
+    right-padded batch with row ``r``'s keys ``key_mask [batch, >= max length]`` masked."""
+    batch = fwd.pad(model, seqs, list(range(len(seqs))))
+    out = fwd.forward(model, batch, key_mask_hooks(model, key_mask), logits_at=rows,
+                      attention="eager")
+    return [x.detach().float().cpu() for x in out]
+
+
 def _interp_hooks(model, u: Tensor, sent: Tensor) -> list[fwd.Hook]:
     """Hooks replacing each pattern ``p`` by ``p + Σ_j u_j (p_supp_j − p)`` (``u = 1 − m``).
 
@@ -250,10 +260,8 @@ def suppression(model, trace: Trace, *, sentences: Sequence[int] | None = None,
         key_mask = torch.zeros((max(1, len(masked)), n_tok), dtype=torch.bool)
         for r, j in enumerate(masked):
             key_mask[r] = sent == j
-        batch = fwd.pad(model, seqs, [0] * key_mask.shape[0])
-        out = fwd.forward(model, batch, key_mask_hooks(model, key_mask),
-                          logits_at=[rows] * key_mask.shape[0], attention="eager")
-        return [x.detach().float().cpu() for x in out]
+        return masked_logits(model, seqs * key_mask.shape[0], [rows] * key_mask.shape[0],
+                             key_mask)
 
     n_think = len(tokens)
     written = torch.as_tensor([trace.token_ids[k] for k in tokens] + ans_ids, dtype=torch.long)
@@ -329,4 +337,4 @@ def sentence_attribution(model, trace: Trace, *, metric: str = "logodds") -> Sen
 
 __all__ = ["SuppressionResult", "SentenceAttribution", "suppression", "sentence_attribution",
            "check_trace", "KL_FLOOR", "METRICS", "key_mask_hooks", "answer_score",
-           "answer_rows", "sentence_bounds", "sentence_list"]
+           "answer_rows", "sentence_bounds", "sentence_list", "masked_logits"]

@@ -51,7 +51,7 @@ from thinklens.circuits.anchors_attention import (
     answer_rows,
     answer_score,
     check_trace,
-    key_mask_hooks,
+    masked_logits,
     sentence_list,
 )
 from thinklens.errors import ConfigError
@@ -160,15 +160,11 @@ def suppression_total(model: Any, trace: Trace, *, sentences: Sequence[int] | No
 
 def _score(model: Any, seqs: list[list[int]], rows: list[list[int]],
            hidden: list[list[int]]) -> list[Tensor]:
-    """Per sequence, float32 logits ``[len(rows[r]), d_vocab]`` of one eager pass of the
-    right-padded batch, with row ``r``'s keys at ``hidden[r]`` masked."""
-    batch = fwd.pad(model, seqs, list(range(len(seqs))))
-    mask = torch.zeros((len(seqs), batch.ids.shape[1]), dtype=torch.bool)
+    """:func:`masked_logits` with row ``r``'s keys at positions ``hidden[r]`` masked."""
+    mask = torch.zeros((len(seqs), max(map(len, seqs))), dtype=torch.bool)
     for r, h in enumerate(hidden):
         mask[r, h] = True
-    out = fwd.forward(model, batch, key_mask_hooks(model, mask), logits_at=rows,
-                      attention="eager")
-    return [x.detach().float().cpu() for x in out]
+    return masked_logits(model, seqs, rows, mask)
 
 
 __all__ = ["SuppressionTotal", "suppression_total"]
