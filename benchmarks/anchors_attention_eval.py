@@ -7,7 +7,8 @@ attribution, receiver heads, scored against an organism's ground truth.
    answer's log-odds, also KL and log-prob, and the chain effect through later
    sentences), :func:`thinklens.circuits.suppression_total` (the total effect: the
    drop of the answer's log-odds, its KL, and whether the answer changed, after the model
-   rewrote the rest of the thinking without seeing the sentence),
+   rewrote the rest of the thinking without seeing the sentence, against a control
+   rewrite from the same point that sees it),
    :func:`thinklens.circuits.sentence_attribution`
    (first-order estimate of the direct drop); their Spearman per trace (signed, and of
    the magnitudes) and the share of traces whose top sentence agrees.

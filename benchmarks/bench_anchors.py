@@ -14,8 +14,8 @@
    ``hf`` and the ``vllm`` engine (when vLLM is installed): wall time of the whole call,
    tokens generated.
 3. **Total effect** (``circuits.suppression_total``) of the same organism's trace against
-   the plain ``hf`` generation of the same prefixes (one per sentence, no hidden keys,
-   the same ``max_new_tokens``) and against direct ``suppression``, interleaved rounds.
+   the plain ``hf`` generation of what it generates (each sentence's prefix twice, for
+   the masked rewrite and its control; no hidden keys, the same ``max_new_tokens``) and against direct ``suppression``, interleaved rounds.
 """
 
 from __future__ import annotations
@@ -126,23 +126,24 @@ def _resampling(args) -> dict:
 
 def _total(args) -> dict:
     """``suppression_total`` of one organism trace against the plain greedy generation of
-    the same prefixes (no hidden keys) and against direct ``suppression``, interleaved."""
+    what it generates (each sentence's prefix twice: the masked rewrite and the control, no
+    hidden keys) and against direct ``suppression``, interleaved."""
     name = args.organism or ("organism-backtrack" if "organism-backtrack" in registered_models()
                              else "organism")
     model = thinklens.load(name)
     prompt = model.task.example_prompts[-1] if name != "organism" else ORGANISM_PROMPT
     trace = model.think(prompt, max_new_tokens=256)  # finished: its answer is scored
     ids = list(trace.token_ids)
-    reqs = [Request(ids[:s.end]) for s in trace.sentences]
+    reqs = [Request(ids[:s.end]) for s in trace.sentences for _ in range(2)]
     sampling = Sampling(max_new_tokens=args.max_new_tokens)
-    fns = {"generate (plain, same prefixes)":
+    fns = {"generate (plain, same 2S prefixes)":
            lambda: generate_ids(model, reqs, sampling, engine="hf", progress=False,
                                 batch_size=16),
            "suppression_total": lambda: suppression_total(
                model, trace, max_new_tokens=args.max_new_tokens),
            "suppression (direct)": lambda: suppression(model, trace)}
     times, _ = interleaved(fns, repeats=args.rounds, warmup=1)
-    res = summary(times, "generate (plain, same prefixes)")
+    res = summary(times, "generate (plain, same 2S prefixes)")
     rows = [[k, f"{statistics.median(times['wall'][k]):.3f}", f"{res[k]['wall']['ratio']:.2f}",
              f"{res[k]['cpu']['ratio']:.2f}"] for k in fns]
     print(f"suppression_total: {name}, {prompt!r}, {len(trace.sentences)} sentences, "

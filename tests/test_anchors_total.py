@@ -53,32 +53,49 @@ def test_total_effect_equals_hf_greedy_decoding_by_hand(which, organism, backtra
     limit = 48
     res = circuits.suppression_total(model, trace, max_new_tokens=limit)
     ids = list(trace.token_ids)
-    te, a0, a1 = trace.think_span.end, trace.answer_span.start, trace.answer_span.end
-    close, ans = ids[te:a0], ids[a0:a1]
-    eos = model.tokenizer.eos_token_id
-    base = _hf_logp(hf, ids, range(0))
-    base_lp = float(sum(base[a0 - 1 + k, t] for k, t in enumerate(ans)))
-    assert res.baseline_logprob == pytest.approx(base_lp, abs=1e-4)
+    te, a0 = trace.think_span.end, trace.answer_span.start
+    close, eos = ids[te:a0], model.tokenizer.eos_token_id
+
+    def greedy(end: int, hidden: range) -> list[int]:
+        gen = ids[:end]
+        while len(gen) < end + limit:
+            gen.append(int(_hf_logp(hf, gen, hidden)[-1].argmax()))
+            if gen[-1] == eos:
+                break
+        return gen
+
+    def split(gen: list[int], end: int) -> tuple[list[int], list[int] | None]:
+        """Thinking ids up to the closing text, and the answer ids (None: not closed)."""
+        if close[0] not in gen[end:]:
+            return gen, None
+        stop = gen.index(close[0], end)
+        ans = gen[stop + len(close):]
+        return gen[:stop], ans[:-1] if ans and ans[-1] == eos else ans
+
+    def score(think: list[int], ans: list[int], hidden: range) -> float:
+        lp = _hf_logp(hf, think + close + ans, hidden)
+        return float(sum(lp[len(think) + len(close) - 1 + k, t] for k, t in enumerate(ans)))
+
+    n_changed = 0
     for j, s in enumerate(trace.sentences):
         hidden = range(s.start, s.end)
-        gen = ids[:s.end]
-        while len(gen) < s.end + limit:
-            nxt = int(_hf_logp(hf, gen, hidden)[-1].argmax())
-            gen.append(nxt)
-            if nxt == eos:
-                break
-        assert res.rewritten[j] == model.tokenizer.decode(gen[s.end:])
-        stop = gen.index(close[0], s.end) if close[0] in gen[s.end:] else len(gen)
-        seq = gen[:stop] + close + ans
-        lp = _hf_logp(hf, seq, hidden)
-        got = float(sum(lp[stop + len(close) - 1 + k, t] for k, t in enumerate(ans)))
-        assert float(res.answer_delta[j]) == pytest.approx(got - base_lp, abs=1e-4)
-        assert res.finished[j] == (stop < len(gen))
-        if res.finished[j]:
-            written = model.tokenizer.decode(gen[stop + len(close):]).replace("<eos>", "")
-            assert res.answers[j] == written.strip()
-            assert float(res.changed[j]) == float(res.answers[j] != res.reference)
+        masked, control = greedy(s.end, hidden), greedy(s.end, range(0))
+        assert res.rewritten[j] == model.tokenizer.decode(masked[s.end:])
+        assert res.control_rewritten[j] == model.tokenizer.decode(control[s.end:])
+        m_think, m_ans = split(masked, s.end)
+        c_think, c_ans = split(control, s.end)
+        assert res.finished[j] == (m_ans is not None)
+        scored = c_ans if c_ans is not None else ids[a0:trace.answer_span.end]
+        c_lp = score(c_think, scored, range(0))
+        assert float(res.control_logprob[j]) == pytest.approx(c_lp, abs=1e-4)
+        assert float(res.answer_delta[j]) == pytest.approx(
+            score(m_think, scored, hidden) - c_lp, abs=1e-4)
+        text = [None if a is None else model.tokenizer.decode(a).strip() for a in (m_ans, c_ans)]
+        assert (res.answers[j], res.controls[j]) == tuple(text)
+        assert float(res.changed[j]) == float(text[0] != text[1])
+        n_changed += text[0] != text[1]
         assert float(res.answer_kl[j]) >= 0.0
+    assert n_changed > 0   # the control is not the masked rewrite: hiding something matters
 
 
 def test_hiding_the_step_the_answer_copies_changes_the_answer_or_is_redone(backtrack):

@@ -15,10 +15,18 @@ from thinklens.errors import ConfigError
 from thinklens.hooks.task import Task
 from thinklens.hooks.trace import Trace
 from thinklens.zoo import backtrack as B
-from thinklens.zoo.backtrack_task import BacktrackConfig, analyse, generate
+from thinklens.zoo.backtrack_task import BacktrackConfig, analyse, generate, implied_so_far
 from thinklens.zoo.steer_backtrack import backtrack_steering
 from thinklens.zoo.task import problem_from_prompt
-from thinklens.zoo.train import TrainConfig, _batch_problems, _loss, _model_config, train
+from thinklens.zoo.train import (
+    TrainConfig,
+    _batch_problems,
+    _loss,
+    _make_batch,
+    _model_config,
+    _vocab,
+    train,
+)
 
 PROMPT = "h = g + 9 ; c = b + 4 ; g = 3 ; a = 7 ; b = a - 2 ; ? c"
 DETOUR_FIXED = ("h = g + 9 . g = 3 . h = 3 + 9 = 2 . c = b + 4 . b = a - 2 . a = 7 . "
@@ -81,6 +89,43 @@ def test_generator_rates_and_answers_follow_the_thinking():
     assert abs(mistakes / steps - cfg.p_mistake) < 0.02
     assert abs(fixed / mistakes - cfg.p_correct) < 0.075
     assert max(k for d, k in lens if d == 8) >= 20  # long traces for sentence statistics
+
+
+def test_implied_so_far_hand_checked():
+    p = problem_from_prompt(PROMPT)
+    # nothing of c's chain written: computed from the prompt (a = 7, b = 5, c = 9)
+    assert implied_so_far(p.statements, "c", "h = g + 9 . g = 3 .".split()) == 9
+    # b written wrong and kept: c follows it (4 + 4); corrected: c follows the fix
+    assert implied_so_far(p.statements, "c", KEPT.split()[:-8]) == 8
+    assert implied_so_far(p.statements, "c", DETOUR_FIXED.split()[:-8]) == 9
+    assert implied_so_far(p.statements, "c", "a = 6 .".split()) == 8  # miscopied root
+
+
+def test_early_exits_and_filler_examples_and_their_labels():
+    cfg = BacktrackConfig(max_depth=8, p_early=0.3, p_filler=0.1)
+    rng, n, early, filler = random.Random(1), 1500, [], []
+    for _ in range(n):
+        p = generate(rng, cfg, direct=False)
+        (early if p.early else filler if p.filler else []).append(p)
+    assert abs(len(filler) / n - 0.1) < 0.025 and abs(len(early) / n - 0.9 * 0.3) < 0.04
+    for p in filler:
+        assert set(p.thinking) == {"."} and p.answer == p.true_answer
+        assert p.unlabelled() == set(range(len(p.thinking) + 1))   # only answer + eos
+    for p in early:
+        assert p.thinking[-1] == "." and p.answer == implied_so_far(
+            p.statements, p.query, p.thinking)
+        assert p.unlabelled() == {len(p.thinking)}                 # its forced </think>
+    ids, _, labels = _make_batch(early[:1] + filler[:1], _vocab("backtrack"))
+    vocab = {v: k for k, v in _vocab("backtrack").items()}
+    for row, p in enumerate(early[:1] + filler[:1]):
+        kept = [vocab[int(t)] for t in labels[row] if t != -100]
+        want = ([] if p.filler else p.thinking) + [str(p.answer), "<eos>"]
+        assert kept == want
+    # configs without them draw exactly the same problems as before the two knobs
+    a, b = random.Random(7), random.Random(7)
+    plain, knobs = BacktrackConfig(max_depth=8), BacktrackConfig(max_depth=8, p_early=0.0)
+    assert [generate(a, plain).completion for _ in range(50)] == \
+        [generate(b, knobs).completion for _ in range(50)]
 
 
 @pytest.fixture(scope="module")

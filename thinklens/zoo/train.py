@@ -126,8 +126,11 @@ def _make_batch(problems: list[AnyProblem], vocab: dict[str, int] = VOCAB
     for i, ((seq, start), p) in enumerate(zip(rows, problems)):
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
-        first = start + 1 if p.direct else start  # direct: skip the forced "</think>"
-        labels[i, first: len(seq)] = ids[i, first: len(seq)]
+        labels[i, start: len(seq)] = ids[i, start: len(seq)]
+        # not targets: a forced "</think>" (direct answers, early exits), filler
+        skip = p.unlabelled() if hasattr(p, "unlabelled") else ({0} if p.direct else set())
+        for k in skip:
+            labels[i, start + k] = -100
     return ids, mask, labels
 
 
@@ -145,7 +148,7 @@ def _heldout(cfg: TrainConfig, depth: int, n: int, direct: bool = False) -> list
     decoding should write."""
     rng = random.Random(-(cfg.seed * 7919 + depth * 104729 + int(direct) + 1))
     task = cfg.task if cfg.kind == "variable-binding" else replace(
-        cfg.task, p_detour=0.0, p_mistake=0.0)
+        cfg.task, p_detour=0.0, p_mistake=0.0, p_early=0.0, p_filler=0.0)
     return [KINDS[cfg.kind][1](rng, task, depth=depth, direct=direct) for _ in range(n)]
 
 
