@@ -63,3 +63,23 @@ def test_killed_run_resumes_to_identical_weights(reference, tmp_path):
 def test_resume_with_other_config_refused(reference):
     with pytest.raises(ConfigError, match="another config"):
         train(TrainConfig(**{**SMALL, "seed": 1}), reference, progress=False)
+
+
+def test_ship_follows_every_earlier_phase(reference, tmp_path):
+    """A third phase started from a second, itself from the first: ship finds checkpoints in
+    all three runs, and the curve is each phase's rows up to the next one's start."""
+    from thinklens.zoo.train import ship
+
+    two = train(TrainConfig(**{**SMALL, "steps": 4, "init_step": 8,
+                               "init_from": str(reference / "step-000008")}),
+                tmp_path / "two", progress=False)
+    train(TrainConfig(**{**SMALL, "steps": 2, "init_step": 10, "init_from": str(
+        tmp_path / "two" / "step-000010")}), tmp_path / "three", progress=False)
+    assert two.name == "step-000012"
+    ship(tmp_path / "three", tmp_path / "shipped", [2, 10])
+    curve = json.loads((tmp_path / "shipped" / "curve.json").read_text())
+    assert [r["step"] for r in curve] == [2, 4, 6, 8, 10, 12]
+    assert sorted(p.name for p in (tmp_path / "shipped" / "checkpoints").iterdir()) == [
+        "step-000002", "step-000010"]
+    with pytest.raises(ConfigError, match="no checkpoint at steps \\[5\\]"):
+        ship(tmp_path / "three", tmp_path / "other", [5])

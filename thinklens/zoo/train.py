@@ -296,14 +296,18 @@ def ship(run: Path, dest: Path, steps: list[int], final: int | None = None) -> N
     """Copy a run's final weights and chosen checkpoints into ``dest`` as float16.
 
     Also writes ``curve.json`` (the run's log.jsonl as a list) and ``train_config.json``.
-    A run started from another run's checkpoint (``init_from``) finds earlier steps'
-    checkpoints in that run, and its curve starts with that run's rows up to ``init_step``.
+    A run started from another run's checkpoint (``init_from``, followed back through every
+    earlier phase) finds earlier steps' checkpoints in those runs, and its curve starts with
+    their rows, each up to the ``init_step`` of the phase that followed it.
     """
     from transformers import AutoModelForCausalLM
 
     cfg = json.loads((run / "train_config.json").read_text())
     final = final if final is not None else cfg.get("init_step", 0) + cfg["steps"]
-    runs = [run] + ([Path(cfg["init_from"]).parent] if cfg.get("init_from") else [])
+    runs, cfgs = [run], [cfg]
+    while cfgs[-1].get("init_from") and len(runs) < 16:
+        runs.append(Path(cfgs[-1]["init_from"]).parent)
+        cfgs.append(json.loads((runs[-1] / "train_config.json").read_text()))
 
     def folder(s: int) -> Path | None:
         return next((r / f"step-{s:06d}" for r in runs if (r / f"step-{s:06d}").exists()), None)
@@ -327,10 +331,10 @@ def ship(run: Path, dest: Path, steps: list[int], final: int | None = None) -> N
         target.parent.mkdir(parents=True, exist_ok=True)
         save_weights(model, target, dtype=torch.float16,
                      kind=cfg.get("kind", "variable-binding"))
-    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line]
-    if len(runs) > 1:
-        first = [json.loads(x) for x in (runs[1] / "log.jsonl").read_text().splitlines() if x]
-        rows = [r for r in first if r["step"] <= cfg["init_step"]] + rows
+    rows: list[dict] = []
+    for r, later in zip(runs[::-1], [*cfgs[::-1][1:], None]):   # oldest phase first
+        mine = [json.loads(x) for x in (r / "log.jsonl").read_text().splitlines() if x]
+        rows += [x for x in mine if later is None or x["step"] <= later["init_step"]]
     atomic_write_json(dest / "curve.json", rows, indent=0)
     atomic_write_json(dest / "train_config.json", cfg, indent=1)
 
