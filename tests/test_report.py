@@ -8,6 +8,7 @@ import re
 import xml.etree.ElementTree as ET
 
 import pytest
+import torch
 from _browser import check_page
 
 from thinklens import figures
@@ -182,6 +183,21 @@ def test_circuit_holds_the_head_exact_patching_ranks_first(rep):
     scatter = {t.name.split(" (")[0]: t for t in s.figures[2].fig.data if t.meta}  # vs exact z
     assert set(scatter) == {"AtP", "EAP-IG"}
     assert scatter["AtP"].meta["spearman"] >= 0.8 and scatter["AtP"].meta["n"] == 16
+
+
+def test_anchors_total_effect_column_is_suppression_total_of_the_ranked_trace(rep, organism):
+    from thinklens import circuits
+    from thinklens.report.anchors import MAX_REWRITE
+
+    rows = _section(rep, "Thought anchors").table.rows
+    texts = [r[1] for r in rows]
+    trace = next(t for t in (organism.think(p) for p in PROMPTS)
+                 if [x.text[:80] for x in t.sentences] == texts)
+    budget = min(MAX_REWRITE, len(trace.token_ids) - trace.sentences[0].end + 8)
+    want = circuits.suppression_total(organism, trace, max_new_tokens=budget).answer_kl
+    got = torch.tensor([r[4] for r in rows])
+    assert torch.allclose(got, want, atol=1e-3)
+    assert float(got.max()) > 1.0   # hiding the step the answer copies moves the answer
 
 
 def test_logit_lens_ends_on_the_answer(rep):

@@ -10,7 +10,10 @@ needs ground truth (:mod:`thinklens.circuits`):
 3. Attention suppression (:func:`~thinklens.circuits.suppression`): each sentence's keys
    masked in every head; the change of the answer's log-odds, and the sentence ×
    sentence matrix of effects; :func:`~thinklens.circuits.sentence_attribution`, its
-   one-pass gradient estimate.
+   one-pass gradient estimate; :func:`~thinklens.circuits.suppression_total`, the total
+   effect of the same mask (the rest rewritten greedily without the sentence, its answer
+   compared with an unmasked rewrite's by KL; each rewrite at most as long as the
+   trace's rest, :data:`MAX_REWRITE` tokens).
 4. Receiver heads (:func:`~thinklens.circuits.receiver_heads`) over every trace with
    enough sentences: heads whose attention to sentences is concentrated (kurtosis of
    vertical scores), and each sentence's receiver score.
@@ -38,6 +41,7 @@ from thinklens.report.page import Section, Table
 
 MIN_SENTENCES = 3      # a trace with fewer has nothing to rank
 MAX_SENTENCES = 24     # sentences scored at most (suppression runs one pass per sentence)
+MAX_REWRITE = 256      # tokens per rewrite of the total effect, at most
 _PROXIMITY = 2         # receiver heads: sentences this close to the end are not scored
 
 
@@ -61,7 +65,9 @@ def anchors(model: Any, trs: list, *, cap: Any = None, resample: bool = False,
         "model's own final answer is read there; a sentence's importance is the rise it "
         "brings. Suppression: the sentence's keys are masked in every attention head and the "
         "change of the answer's log-odds is measured (attribution: its gradient estimate in "
-        "one pass). Receiver heads: heads whose attention concentrates on a few sentences "
+        "one pass; total effect: the model rewrites the rest of the thinking without seeing "
+        "the sentence, and the KL of its answer from that of an unmasked rewrite is "
+        "measured). Receiver heads: heads whose attention concentrates on a few sentences "
         "(high kurtosis of the vertical scores); a sentence's receiver score is the "
         "attention those heads pay it from later sentences.")
     k = _pick(model, trs)
@@ -88,6 +94,11 @@ def anchors(model: Any, trs: list, *, cap: Any = None, resample: bool = False,
     sup = attempt("suppression", lambda: C.suppression(model, trace))
     if sup is not None:
         measures["suppression"] = sup
+    budget = min(MAX_REWRITE, len(trace.token_ids) - trace.sentences[0].end + 8)
+    tot = attempt("total effect", lambda: C.suppression_total(model, trace,
+                                                              max_new_tokens=budget))
+    if tot is not None:
+        measures["total effect"] = tot.answer_kl
     att = attempt("attribution", lambda: C.sentence_attribution(model, trace))
     if att is not None:
         measures["attribution"] = att
@@ -123,11 +134,13 @@ def anchors(model: Any, trs: list, *, cap: Any = None, resample: bool = False,
                  f"Kurtosis of every head's vertical scores over {len(rh.used)} traces; "
                  f"split-half r = {rh.split_half_r:.2f}.")
     if fa is not None:
+        nan = float("nan")
         rows = [[i, sent.text[:80], float(fa.importance[i]),
-                 float(-sup.answer_logodds_delta[i]) if sup is not None else float("nan")]
+                 float(-sup.answer_logodds_delta[i]) if sup is not None else nan,
+                 float(tot.answer_kl[i]) if tot is not None else nan]
                 for i, sent in enumerate(trace.sentences)]
         s.table = Table(["sentence", "text", "forced-answer importance",
-                         "suppression (log-odds drop)"], rows, mono=(1,))
+                         "suppression (log-odds drop)", "total effect (KL)"], rows, mono=(1,))
     if not resample:
         notes.append("Resampling importance is off (it generates rollouts from every "
                      "sentence; pass resample=True).")
@@ -135,4 +148,4 @@ def anchors(model: Any, trs: list, *, cap: Any = None, resample: bool = False,
     return s
 
 
-__all__ = ["anchors", "MIN_SENTENCES", "MAX_SENTENCES"]
+__all__ = ["anchors", "MIN_SENTENCES", "MAX_SENTENCES", "MAX_REWRITE"]
