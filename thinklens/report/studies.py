@@ -65,8 +65,8 @@ N_ORGANISM = 4        # default problems shown for the organism (its probes use 
 def report(model: Any = "organism", out: str | Path = "thinklens-report", *,
            prompts: Sequence[Any] | None = None, traces: Sequence[Trace] | None = None,
            n_problems: int | None = None, n_probe: int = 60, max_new_tokens: int | None = None,
-           resample: bool = False, formats: Sequence[str] = FORMATS,
-           progress: bool = True) -> Path:
+           resample: bool = False, total: bool | None = None,
+           formats: Sequence[str] = FORMATS, progress: bool = True) -> Path:
     """Run the study on ``model`` and write ``out/report.html`` (returned) and ``out/figures/``.
 
     Example::
@@ -82,11 +82,14 @@ def report(model: Any = "organism", out: str | Path = "thinklens-report", *,
     this model) studied instead of thinking (their ``meta["answer"]``, if any, is the
     true answer). ``n_problems``: how many prompts (default 24; 4 for the organism).
     ``n_probe``: the organism's held-out problems for its value probe. ``resample``: add
-    resampling importance (rollouts; costly). ``formats``: figure files beside the page
+    resampling importance (rollouts; costly). ``total``: the total effect of suppression
+    (two greedy rewrites per thinking sentence; default on for the organisms only, where
+    it takes a second). ``formats``: figure files beside the page
     (``()`` for none).
     """
     rep = study(model, prompts=prompts, traces=traces, n_problems=n_problems, n_probe=n_probe,
-                max_new_tokens=max_new_tokens, resample=resample, progress=progress)
+                max_new_tokens=max_new_tokens, resample=resample, total=total,
+                progress=progress)
     return rep.write(out, formats=formats, progress=progress)
 
 
@@ -109,7 +112,7 @@ def _one_thread(on: bool) -> Iterator[None]:
 def study(model: Any = "organism", *, prompts: Sequence[Any] | None = None,
           traces: Sequence[Trace] | None = None, n_problems: int | None = None,
           n_probe: int = 60, max_new_tokens: int | None = None, resample: bool = False,
-          progress: bool = True) -> Report:
+          total: bool | None = None, progress: bool = True) -> Report:
     """The :class:`Report` of :func:`report`, computed but not written (see its arguments)."""
     for name, v, least in (("n_problems", n_problems, 1), ("n_probe", n_probe, 6)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
@@ -134,7 +137,8 @@ def study(model: Any = "organism", *, prompts: Sequence[Any] | None = None,
         model = thinklens.load(str(model))
     bar.update()
     with _one_thread(model.config.d_model <= _SMALL_D_MODEL):
-        rep = _run(model, rows, traces, n_problems, n_probe, max_new_tokens, resample, bar)
+        rep = _run(model, rows, traces, n_problems, n_probe, max_new_tokens, resample, total,
+                   bar)
     rep.meta["study time"] = f"{time.time() - t0:.1f} s (before figure export)"
     bar.close()
     return rep
@@ -163,7 +167,8 @@ def _inputs(model, rows, given, n_problems, max_new_tokens, organism):
     return trs, [r.get("answer") for r in rows], source
 
 
-def _run(model, rows, given, n_problems, n_probe, max_new_tokens, resample, bar) -> Report:
+def _run(model, rows, given, n_problems, n_probe, max_new_tokens, resample, total,
+         bar) -> Report:
     times: dict[str, float] = {}
     clock = [time.time()]
 
@@ -199,7 +204,8 @@ def _run(model, rows, given, n_problems, n_probe, max_new_tokens, resample, bar)
     if not organism and any(t.sentences for t in trs):  # one pass for probes and receivers
         cap = model.capture([t for t in trs if t.sentences], sites=G.SITES,
                             positions="sentence_ends", attention="sentence", progress=False)
-    anchor = anchors(model, trs, cap=cap, resample=resample)
+    anchor = anchors(model, trs, cap=cap, resample=resample,
+                     total=organism if total is None else total)
     bar.update()
     step("probes")
     probe = (S.probes(model, n_probe) if organism
