@@ -214,3 +214,24 @@ def test_bad_input_is_refused_before_any_pass(organism):
         circuits.receiver_heads(organism, [trace], k=2, exclude_layers=[7])
     with pytest.raises(ConfigError, match="no trace has 4 scored sentences"):
         circuits.receiver_heads(organism, [trace], k=2, proximity=4)
+
+
+def test_receiver_head_of_the_second_organism_marks_the_phase_boundary():
+    """Meaning, on organism-backtrack: the top receiver head (L1H2) receives at the chain's
+    root lookup, the sentence where resolving turns into computing (RESULTS (n))."""
+    import thinklens
+
+    bt = thinklens.load("organism-backtrack")
+    rows = bt.task.problems(24, depths=[5, 6, 7, 8], seed=3)
+    traces = [t for t in bt.think_batch([r["prompt"] for r in rows], temperature=1.0, seed=0,
+                                        progress=False)
+              if len(t.sentences) >= 8 and not t.truncated]
+    rh = circuits.receiver_heads(bt, traces, k=3, proximity=2, min_sentences=6)
+    assert rh.top_heads[0] == (1, 2) and rh.split_half_r > 0.8
+    hits = 0
+    for i, v in zip(rh.used, rh.vertical):
+        truth = bt.task.sentence_truth(traces[i])
+        s = torch.nan_to_num(v[1, 2], nan=-1.0)
+        top = truth[int(s.argmax())]
+        hits += top.kind == "lookup" and top.written is not None and top.chain == "main"
+    assert hits >= 0.9 * len(rh.used), (hits, len(rh.used))
