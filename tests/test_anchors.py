@@ -127,3 +127,45 @@ def _no_task_answer(organism, trace):
 def test_no_nan_where_the_answer_is_certain(organism, organism_trace):
     fa = forced_answer(organism, organism_trace, candidates=["2"])
     assert all(math.isfinite(v) for v in fa.kl.tolist())
+
+
+@pytest.mark.smollm
+def test_smollm2_every_sentence_measure_runs_and_draws(smollm):
+    """Issue 12's end-to-end bar on a real model: every measure returns finite scores (NaN
+    only where its definition leaves a sentence out) and every figure draws."""
+    from thinklens import circuits
+    from thinklens.plots import (
+        plot_early_answering,
+        plot_receiver_kurtosis,
+        plot_sentence_importance,
+        plot_suppression_matrix,
+    )
+
+    texts = ["Let me think. 2 + 3 = 5. Then 5 + 1 = 6. So the answer is 6.\n\\boxed{6}",
+             "First, 4 + 4 = 8. Next, 8 - 1 = 7. Check: 7 is right. So it is 7.\n\\boxed{7}"]
+    prompts = ["What is 2 + 3 + 1?", "What is 4 + 4 - 1?"]
+    trs = [Trace.from_text(smollm, p, c, thinking="answer") for p, c in zip(prompts, texts)]
+    tr = trs[0]
+    sup = circuits.suppression(smollm, tr)
+    tot = circuits.suppression_total(smollm, tr, max_new_tokens=12)
+    att = circuits.sentence_attribution(smollm, tr)
+    ri = circuits.resampling(smollm, tr, n=2, temperature=1.0, max_new_tokens=12,
+                             progress=False)
+    rh = circuits.receiver_heads(smollm, trs, k=4, proximity=1, min_sentences=3)
+    early = circuits.early_answering(smollm, tr)
+    fill = circuits.filler_tokens(smollm, tr, max_new_tokens=6)
+    edit = circuits.added_mistake(smollm, tr, 1, max_new_tokens=12)
+    para = circuits.paraphrase(smollm, tr, lambda s: s.replace("Then", "Next,"),
+                               max_new_tokens=12)
+    for x in (sup.answer_logodds_delta, sup.answer_kl, sup.chain, tot.answer_kl,
+              tot.answer_delta, att.estimate, ri.resampling, rh.kurtosis[1:].flatten()):
+        assert torch.isfinite(x).all(), x
+    assert all(a is not None for a in tot.controls) and tot.changed.isfinite().all()
+    assert math.isfinite(early.aoc) and fill.original == "6"
+    assert fill.length == len(tr.think_span)   # the thinking's token length
+    assert edit.regenerated.answers and para.regenerated.answers
+    figs = [plot_sentence_importance(tr, {"suppression": sup, "total": tot.answer_kl,
+                                          "attribution": att, "resampling": ri}),
+            plot_suppression_matrix(sup), plot_receiver_kurtosis(rh),
+            plot_early_answering(early)]
+    assert all(len(f.data) > 0 for f in figs)
