@@ -25,7 +25,8 @@ def _cli(*args, env=None, **kw):
 
 @pytest.mark.parametrize("cmd", [[], ["demo"], ["think"], ["capture"], ["sites"], ["organism"],
                                  ["organism", "train"], ["organism", "eval"],
-                                 ["organism", "ship"], ["probe"], ["report"]])
+                                 ["organism", "ship"], ["probe"], ["report"], ["anchors"],
+                                 ["dynamics"]])
 def test_help_explains_each_command(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])

@@ -17,6 +17,7 @@ from thinklens import cli_args
 from thinklens.errors import ConfigError, ThinklensError
 from thinklens.hooks.model import load
 from thinklens.jobs import commands
+from thinklens.jobs.anchors import run_anchors
 from thinklens.jobs.dynamics import dynamics_job
 from thinklens.jobs.study import run_study
 from thinklens.report import report as run_report
@@ -131,6 +132,18 @@ def _report(args) -> int:
     return 0
 
 
+def _anchors(args) -> int:
+    res = run_anchors(args.model, args.traces, args.out,
+                      measures=[m.strip() for m in args.measures.split(",") if m.strip()],
+                      n=args.n, temperature=args.temperature, comparator=args.comparator,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device,
+                      progress=not args.no_progress)
+    skipped = sum("skipped" in r for r in res.rows)
+    _say(f"{len(res.rows)} traces in {res.path} ({res.written} scored this run, {skipped} "
+         f"skipped with the reason) in {res.seconds:.1f} s")
+    return 0
+
+
 def _organism_train(args) -> int:
     kw = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size,
                             "ckpt_every": args.ckpt_every}.items() if v is not None}
@@ -169,7 +182,8 @@ ORGANISMS = ("organism", "organism-backtrack")  # names whose shipped checkpoint
 
 
 COMMANDS = {"demo": _demo, "think": _think, "capture": _capture, "sites": _sites, "probe": _probe,
-            "report": _report, "dynamics": _dynamics, "organism train": _organism_train,
+            "report": _report, "dynamics": _dynamics, "anchors": _anchors,
+            "organism train": _organism_train,
             "organism ship": _organism_ship, "organism eval": _organism_eval}
 
 

@@ -145,6 +145,41 @@ def parser() -> argparse.ArgumentParser:
                         "for none (default: %(default)s)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    an = sub.add_parser(
+        "anchors", help="thought anchors over a traces file: one score per thinking sentence "
+        "and measure, one JSON line per trace (resumable)",
+        description="Score every trace of --traces (a file `thinklens think` wrote) with the "
+        "chosen sentence-importance measures of thinklens.circuits (Bogdan et al. 2025): "
+        "forced answer, attention suppression (direct and chain effects), its total effect "
+        "(the rest rewritten greedily without the sentence, against an unmasked rewrite), "
+        "sentence attribution (one forward + backward), resampling and counterfactual "
+        "importance (--n rollouts per cut point). Each trace's line is appended to --out "
+        "and fsynced before the next starts; rerunning with the same settings scores only "
+        "the traces not yet there. A trace that cannot be scored (no thinking sentences, "
+        "no answer found) gets a line saying why.",
+        epilog="Example: thinklens think --prompts p.jsonl --out t.jsonl --temperature 1 && "
+        "thinklens anchors --model organism-backtrack --traces t.jsonl --out a.jsonl "
+        "--measures forced,total,resampling --n 50")
+    an.add_argument("--model", default="organism", help="model spec (default: organism)")
+    an.add_argument("--traces", required=True, help="JSONL traces file (`thinklens think`)")
+    an.add_argument("--out", required=True, help="JSONL scores file (created or resumed)")
+    an.add_argument("--measures", default="forced,suppression,total,attribution",
+                    help="comma-separated: forced, suppression, total, attribution, "
+                         "resampling (default: %(default)s)")
+    an.add_argument("--n", type=int, default=50,
+                    help="resampling: rollouts per cut point (default: %(default)s)")
+    an.add_argument("--temperature", type=float, default=1.0,
+                    help="resampling: rollout temperature (default: %(default)s)")
+    an.add_argument("--comparator", choices=["exact", "embedding"], default="exact",
+                    help="resampling: when is a resampled sentence different: exact text, or "
+                         "all-MiniLM-L6-v2 cosine < 0.8 (pip install 'thinklens[embeddings]')")
+    an.add_argument("--max-new-tokens", type=int, default=256,
+                    help="limit of each rollout and each total-effect rewrite (default: "
+                         "%(default)s)")
+    an.add_argument("--seed", type=int, default=0, help="resampling seed (default: 0)")
+    an.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: auto)")
+    an.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     dy = sub.add_parser(
         "dynamics", help="one measurement (head scores, ICL score, a probe) across a model's "
         "training checkpoints: table + figures",

@@ -192,9 +192,11 @@ def saved(command: str, target: str | os.PathLike[str] | None) -> str:
         path = Path(load_config(path)["out"])
         done = len(list((path / "results").glob("*.json")))
         return f"{_stored(path / 'store')}, {done} probe result(s) in {path / 'results'}"
-    if command == "think":
+    if command in ("think", "anchors"):
         n = sum(1 for line in path.read_text().splitlines() if line.strip()) \
             if path.is_file() else 0
+        if command == "anchors":   # its first line holds the settings
+            return f"{max(n - 1, 0)} traces scored in {path}"
         return f"{n} traces in {path}"
     if command == "demo":
         path = path / "store"
@@ -224,7 +226,7 @@ def site_names(model: str = "organism", match: str = "*") -> list[str]:
 
 
 RESUMABLE = {"capture": "out", "think": "out", "demo": "out", "probe": "config",
-             "organism train": "out", "dynamics": "out"}
+             "organism train": "out", "dynamics": "out", "anchors": "out"}
 
 
 def interrupted(name: str, target: str | os.PathLike[str] | None, argv: list[str]) -> str:
