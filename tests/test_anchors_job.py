@@ -109,3 +109,14 @@ def test_killed_run_resumes_without_rescoring(traces_file, tmp_path, capsys):
     lines = out.read_text().splitlines()
     assert lines[:2] == first and [json.loads(x)["id"] for x in lines[1:]] == [
         "p0", "p1", "empty"]                                        # p0 kept, not redone
+
+
+def test_traces_of_another_model_fail_before_any_is_scored(organism, traces_file, tmp_path):
+    """organism-backtrack's vocabulary has ``wait``; the first organism's does not."""
+    from thinklens.errors import TokenizerMismatchError
+
+    path, _ = traces_file
+    out = tmp_path / "a.jsonl"
+    with pytest.raises(TokenizerMismatchError):
+        run_anchors(organism, path, out, measures=["forced"], progress=False)
+    assert len(out.read_text().splitlines()) == 1      # the settings line, no trace

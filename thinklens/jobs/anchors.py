@@ -9,8 +9,9 @@ score per thinking sentence from each chosen measure.
    existing ``out`` must hold the same settings on its first line (a torn last line, what
    a kill mid-write leaves, is cut off first).
 2. **Per trace not yet in ``out``** (matched by trace id), in file order: each measure on
-   the trace. A trace the measures cannot score (no thinking sentences, no answer the
-   extractor finds) gets a line saying why, so a rerun does not retry it.
+   the trace (every trace's tokenizer is checked against the model's first). A trace the
+   measures cannot score (no thinking sentences, no answer the extractor finds, too big
+   for the memory budget) gets a line saying why, so a rerun does not retry it.
 3. **Written as it goes**: each trace's line is appended and fsynced before the next trace
    starts, so a kill or Ctrl-C loses at most the trace in flight, and a rerun scores only
    the traces missing.
@@ -46,7 +47,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from thinklens import circuits as C
-from thinklens.errors import ConfigError, did_you_mean
+from thinklens.errors import BudgetError, ConfigError, PositionError, did_you_mean
+from thinklens.hooks import forward as fwd
 from thinklens.hooks._fileio import append_jsonl, kill_point, read_jsonl
 from thinklens.hooks.capture import trace_id
 from thinklens.hooks.model import load
@@ -167,6 +169,8 @@ def run_anchors(model: Any, traces: str | os.PathLike[str], out: str | os.PathLi
     todo = [t for t in trs if trace_id(t) not in done]
     if todo and isinstance(model, str):
         model = load(model, device=device)
+    if todo:   # traces of another model's tokenizer fail here, before any is scored
+        fwd.as_traces(model, todo)
     written = 0
     for t in tqdm(todo, desc="anchors", unit="trace", disable=not progress):
         a = time.perf_counter()
@@ -176,7 +180,7 @@ def run_anchors(model: Any, traces: str | os.PathLike[str], out: str | os.PathLi
             for m in settings["measures"]:
                 scores |= {k: _clean(v) for k, v in MEASURES[m](model, t, settings).items()}
             row |= {"sentences": [s.text for s in t.sentences], "scores": scores}
-        except ConfigError as e:   # this trace cannot be scored: say why, do not retry
+        except (ConfigError, PositionError, BudgetError) as e:   # say why; do not retry
             row["skipped"] = str(e)
         row["seconds"] = round(time.perf_counter() - a, 4)
         append_jsonl(out, [row])
