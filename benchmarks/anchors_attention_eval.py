@@ -25,6 +25,9 @@ attribution, receiver heads, scored against an organism's ground truth.
    score of the top heads against the rest, and Spearman over the eligible heads.
 
 Writes ``benchmarks/results/anchors-attention-MODEL.json`` (atomic) and prints a table.
+Each trace's row goes to a journal beside it (``.jsonl``, fsynced) as it is measured; a
+rerun with the same settings after a kill measures only the traces missing (sampling is
+seeded, so the same traces come back), then the receiver heads over all of them.
 
     .venv/bin/python benchmarks/anchors_attention_eval.py --model organism-backtrack --n 60
 """
@@ -46,6 +49,7 @@ import common  # noqa: E402
 
 import thinklens  # noqa: E402
 from thinklens import circuits  # noqa: E402
+from thinklens.hooks._fileio import append_jsonl, read_jsonl  # noqa: E402
 from thinklens.probes.metrics import auroc, spearman  # noqa: E402
 
 
@@ -124,6 +128,9 @@ def main() -> None:
                          "traces against its edit-derived 'used' truth instead of sampling")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--journal", default=None,
+                    help="per-trace journal (default: beside the JSON, .jsonl): a rerun with "
+                         "the same settings after a kill measures only the traces missing")
     args = ap.parse_args()
     common.setup_threads(args.threads)
     model = thinklens.load(args.model)
@@ -139,8 +146,24 @@ def main() -> None:
             and not t.truncated]
     traces = [traces[k] for k in keep]
     given = None if given is None else [given[k] for k in keep]
+    journal = Path(args.journal or Path(args.out or common.RESULTS /
+                                        f"anchors-attention-{Path(args.model).name}.json"
+                                        ).with_suffix(".jsonl"))
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "journal", "threads")}
+    done: dict[int, dict] = {}
+    if journal.exists():
+        old = read_jsonl(journal, repair=True)
+        if old and old[0].get("settings") != settings:
+            raise SystemExit(f"{journal} holds another run ({old[0].get('settings')}); "
+                             "give a new --journal")
+        done = {r["k"]: r["row"] for r in old[1:]}
+    else:
+        append_jsonl(journal, [{"settings": settings}])
     rows, t_sup, t_att, t_fwd, t_tot = [], [], [], [], []
     for n_t, t in enumerate(traces):
+        if n_t in done:   # measured before a kill: kept, not redone (nor timed again)
+            rows.append(done[n_t])
+            continue
         a = time.perf_counter()
         sup = circuits.suppression(model, t)
         b = time.perf_counter()
@@ -168,6 +191,7 @@ def main() -> None:
             spearman=float(spearman(est, exact)) if len(t.sentences) > 2 else None,
             spearman_abs=float(spearman(est.abs(), exact.abs())) if len(t.sentences) > 2
             else None))
+        append_jsonl(journal, [{"k": n_t, "row": rows[-1]}])
     long = [t for t in traces if len(t.sentences) >= args.min_sentences + args.proximity]
     recv = None
     if len(long) >= 4:
@@ -231,7 +255,8 @@ def main() -> None:
         used_vs_roles_agreement=agree, receiver=recv,
         seconds=dict(suppression=statistics.median(t_sup), attribution=statistics.median(t_att),
                      suppression_total=statistics.median(t_tot),
-                     forward=statistics.median(t_fwd)),
+                     forward=statistics.median(t_fwd)) if t_sup else None,
+        resumed=len(done),
         attribution_top_agreement=_top_agreement(rows),
         traces=rows)
     path = common.save(f"anchors-attention-{args.model}", payload, args.out)
@@ -244,8 +269,9 @@ def main() -> None:
         print(f"receiver heads {recv['top_heads']} split-half r {recv['split_half_r']:.3f}; "
               f"operand-copy top {recv['operand_copy_top']} overlap {recv['overlap']}; "
               f"Spearman kurtosis vs operand copy {recv['spearman_kurtosis_vs_operand_copy']:.3f}")
-    print("seconds per trace (median): " + ", ".join(f"{k} {v:.4f}"
-                                                     for k, v in payload["seconds"].items()))
+    if payload["seconds"]:
+        print("seconds per trace (median, traces measured this run): " + ", ".join(
+            f"{k} {v:.4f}" for k, v in payload["seconds"].items()))
 
 
 if __name__ == "__main__":
