@@ -57,7 +57,7 @@ def anchors(model: Any, trs: list, *, cap: Any = None, resample: bool = False,
     """The thought-anchors :class:`Section` of the report (module docstring).
 
     ``total=False`` leaves out the total effect (two greedy rewrites per sentence: on a
-    135M model and 2 CPU cores about a minute for 24 sentences).
+    135M model, 2 quiet CPU cores and 24 sentences, the section takes 17.9 s instead of 6.4 s).
 
     ``cap``: a capture of ``[t for t in trs if t.sentences]`` holding
     ``"sentence_attention"`` (for the receiver heads; captured here when not given)."""
