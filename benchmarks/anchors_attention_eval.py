@@ -10,8 +10,10 @@ attribution, receiver heads, scored against an organism's ground truth.
    rewrote the rest of the thinking without seeing the sentence, against a control
    rewrite from the same point that sees it),
    :func:`thinklens.circuits.sentence_attribution`
-   (first-order estimate of the direct drop); their Spearman per trace (signed, and of
-   the magnitudes) and the share of traces whose top sentence agrees.
+   (estimate of the direct drop: ``mode="mixed"``, exact through the answer's queries,
+   and ``mode="linear"``, first order everywhere; and its chain estimate, ``chain=True``);
+   their Spearman per trace against exact suppression (signed, and of the magnitudes) and
+   the share of traces whose top sentence agrees.
 3. Truths per sentence: *used* = editing the sentence's value and regenerating the rest
    (greedy, :func:`thinklens.circuits.added_mistake`) changes the final answer (on
    organism-backtrack the edits of ``benchmarks/anchors_eval.py``: ``edit_step``); the
@@ -88,8 +90,12 @@ def _used(model, trace) -> list[bool | None]:
     of the sentences that write a value, against the greedy regeneration of the unedited
     prefix) where the task has ``sentence_truth``; else ``added_mistake``'s default edit
     (the last number bumped) against the trace's own answer."""
-    if getattr(model.task, "sentence_truth", None) is not None:
-        edits = anchors_eval._edits(model, trace, model.task.sentence_truth(trace), 256)
+    try:
+        truth = model.task.sentence_truth(trace)
+    except (AttributeError, thinklens.ThinklensError):  # a task without sentence truth
+        truth = None
+    if truth is not None:
+        edits = anchors_eval._edits(model, trace, truth, 256)
         return [None if e is None else bool(e["changed"]) for e in edits]
     out: list[bool | None] = []
     for i in range(len(trace.sentences)):
@@ -159,7 +165,7 @@ def main() -> None:
         done = {r["k"]: r["row"] for r in old[1:]}
     else:
         append_jsonl(journal, [{"settings": settings}])
-    rows, t_sup, t_att, t_fwd, t_tot = [], [], [], [], []
+    rows, t_sup, t_att, t_fwd, t_tot, t_lin, t_chain = [], [], [], [], [], [], []
     for n_t, t in enumerate(traces):
         if n_t in done:   # measured before a kill: kept, not redone (nor timed again)
             rows.append(done[n_t])
@@ -170,6 +176,12 @@ def main() -> None:
         att = circuits.sentence_attribution(model, t)
         c = time.perf_counter()
         t_att.append(c - b)
+        chained = circuits.sentence_attribution(model, t, chain=True)
+        t_chain.append(time.perf_counter() - c)
+        c = time.perf_counter()
+        lin = circuits.sentence_attribution(model, t, mode="linear")
+        t_lin.append(time.perf_counter() - c)
+        c = time.perf_counter()
         tot = circuits.suppression_total(model, t)
         t_tot.append(time.perf_counter() - c)
         c = time.perf_counter()
@@ -187,8 +199,11 @@ def main() -> None:
             suppression_total=(-tot.answer_logodds_delta).tolist(),
             suppression_total_kl=tot.answer_kl.tolist(),
             suppression_total_changed=tot.changed.tolist(),
-            attribution=(-est).tolist(),
+            attribution=(-est).tolist(), attribution_linear=(-lin.estimate).tolist(),
+            attribution_chain=chained.chain.tolist(),
             spearman=float(spearman(est, exact)) if len(t.sentences) > 2 else None,
+            spearman_linear=float(spearman(lin.estimate, exact)) if len(t.sentences) > 2
+            else None,
             spearman_abs=float(spearman(est.abs(), exact.abs())) if len(t.sentences) > 2
             else None))
         append_jsonl(journal, [{"k": n_t, "row": rows[-1]}])
@@ -218,7 +233,7 @@ def main() -> None:
             rows[idx[id(t)]]["receiver"] = score.tolist()
     measures = ["suppression", "suppression_kl", "suppression_logprob", "suppression_chain",
                 "suppression_total", "suppression_total_kl", "suppression_total_changed",
-                "attribution", "receiver"]
+                "attribution", "attribution_linear", "attribution_chain", "receiver"]
     aucs: dict[str, dict[str, float | None]] = {}
     for truth in ("used", "needed", "depends"):
         aucs[truth] = {}
@@ -239,6 +254,8 @@ def main() -> None:
             aucs[truth][m] = _auc(ys, ss)
     sp = [r["spearman"] for r in rows if r["spearman"] == r["spearman"] and
           r["spearman"] is not None]
+    sp_lin = [r.get("spearman_linear") for r in rows]
+    sp_lin = [x for x in sp_lin if x is not None and x == x]
     sp_abs = [r["spearman_abs"] for r in rows if r["spearman_abs"] is not None and
               r["spearman_abs"] == r["spearman_abs"]]
     agree = None
@@ -252,8 +269,11 @@ def main() -> None:
         n_sentences=sum(r["n_sentences"] for r in rows), auroc=aucs,
         spearman_median=statistics.median(sp) if sp else None,
         spearman_abs_median=statistics.median(sp_abs) if sp_abs else None,
+        spearman_linear_median=statistics.median(sp_lin) if sp_lin else None,
         used_vs_roles_agreement=agree, receiver=recv,
         seconds=dict(suppression=statistics.median(t_sup), attribution=statistics.median(t_att),
+                     attribution_linear=statistics.median(t_lin),
+                     attribution_chain=statistics.median(t_chain),
                      suppression_total=statistics.median(t_tot),
                      forward=statistics.median(t_fwd)) if t_sup else None,
         resumed=len(done),
@@ -264,7 +284,8 @@ def main() -> None:
     for truth, d in aucs.items():
         print(f"AUROC vs {truth}: " + ", ".join(f"{k} {v}" for k, v in d.items()))
     print(f"attribution vs suppression Spearman per trace: median {payload['spearman_median']}"
-          f" (magnitudes {payload['spearman_abs_median']}); used-vs-roles agreement {agree}")
+          f" (magnitudes {payload['spearman_abs_median']}; linear mode "
+          f"{payload['spearman_linear_median']}); used-vs-roles agreement {agree}")
     if recv:
         print(f"receiver heads {recv['top_heads']} split-half r {recv['split_half_r']:.3f}; "
               f"operand-copy top {recv['operand_copy_top']} overlap {recv['overlap']}; "

@@ -16,6 +16,11 @@
 3. **Total effect** (``circuits.suppression_total``) of the same organism's trace against
    the plain ``hf`` generation of what it generates (each sentence's prefix twice, for
    the masked rewrite and its control; no hidden keys, the same ``max_new_tokens``) and against direct ``suppression``, interleaved rounds.
+4. **Sentence attribution** (``circuits.sentence_attribution``) on part 1's SmolLM2
+   trace (``--attr-tokens`` long), against ``forward (plain)`` and exact ``suppression``
+   (answer effects only, and with its matrix and chain), interleaved rounds:
+   ``mode="linear"`` (one forward + one backward), ``"mixed"`` (the default: plus the
+   cached pass with the answer's blocks) and ``chain=True`` (plus the local blocks).
 """
 
 from __future__ import annotations
@@ -39,7 +44,13 @@ from common import (
 )
 
 import thinklens
-from thinklens.circuits import forced_answer, resampling, suppression, suppression_total
+from thinklens.circuits import (
+    forced_answer,
+    resampling,
+    sentence_attribution,
+    suppression,
+    suppression_total,
+)
 from thinklens.hooks.engine import Request, Sampling
 from thinklens.hooks.generate import engine_for, generate_ids
 from thinklens.hooks.task import registered_models
@@ -49,11 +60,12 @@ BODY = ("Let me compute 12 + 7 first. That gives 19. Wait, I should check it aga
 ORGANISM_PROMPT = "h = f - 1 ; f = k + 6 ; k = 2 ; j = 9 ; ? h"
 
 
-def _forced(args) -> dict:
+def _smollm2_trace(tokens: int):
+    """SmolLM2, a ``tokens``-long reasoning-like trace, and one plain forward pass of it."""
     src = CACHE / "smollm2-hf"
     model = thinklens.load(str(src if src.exists() else SMOLLM2_GGUF))
     trace = exact_trace(model.tokenizer, rendered_prompt=model.render_prompt("What is 12 + 7?"),
-                        body=BODY, length=args.tokens, model_name=model.name,
+                        body=BODY, length=tokens, model_name=model.name,
                         answer="\n</think>\n\n15")
     plain = engine_for(model, "hf").plain
     ids = torch.tensor([trace.token_ids])
@@ -61,6 +73,11 @@ def _forced(args) -> dict:
     def fwd_plain():
         with torch.inference_mode():
             plain(input_ids=ids, logits_to_keep=1)
+    return model, trace, ids, fwd_plain
+
+
+def _forced(args) -> dict:
+    model, trace, ids, fwd_plain = _smollm2_trace(args.tokens)
 
     def fwd_bridge():
         with torch.inference_mode():
@@ -89,6 +106,24 @@ def _forced(args) -> dict:
     return {"tokens": len(trace), "sentences": len(trace.sentences), "mode": fa.mode,
             "max_abs_diff_vs_separate": float((fa.probs - sep.probs).abs().max()),
             "results": res}
+
+
+def _attribution(args) -> dict:
+    model, trace, _, fwd_plain = _smollm2_trace(args.attr_tokens)
+
+    fns = {"forward (plain)": fwd_plain,
+           "attribution linear": lambda: sentence_attribution(model, trace, mode="linear"),
+           "attribution mixed": lambda: sentence_attribution(model, trace),
+           "attribution mixed + chain": lambda: sentence_attribution(model, trace, chain=True),
+           "suppression (answer only)": lambda: suppression(model, trace, matrix=False),
+           "suppression (matrix, chain)": lambda: suppression(model, trace)}
+    times, _ = interleaved(fns, repeats=args.rounds, warmup=1)
+    res = summary(times, "forward (plain)")
+    rows = [[k, f"{statistics.median(times['wall'][k]):.3f}", f"{res[k]['wall']['ratio']:.2f}",
+             f"{res[k]['cpu']['ratio']:.2f}"] for k in fns]
+    print(f"sentence attribution: {len(trace)} tokens, {len(trace.sentences)} sentences")
+    print(table(rows, ["method", "wall s", "wall / forward", "cpu / forward"]))
+    return {"tokens": len(trace), "sentences": len(trace.sentences), "results": res}
 
 
 def _resampling(args) -> dict:
@@ -161,7 +196,10 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--organism", default=None, help="default: organism-backtrack if registered")
-    p.add_argument("--skip", choices=["forced", "resampling", "total"], action="append",
+    p.add_argument("--attr-tokens", type=int, default=512,
+                   help="length of the sentence-attribution trace")
+    p.add_argument("--skip", choices=["forced", "resampling", "total", "attribution"],
+                   action="append",
                    default=[], help="a part not to run (repeatable)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -173,6 +211,8 @@ def main(argv=None) -> dict:
         payload["resampling"] = _resampling(args)
     if "total" not in args.skip:
         payload["total"] = _total(args)
+    if "attribution" not in args.skip:
+        payload["attribution"] = _attribution(args)
     payload["machine_after"] = machine_info()
     path = save("anchors-cpu", payload, args.out)
     print(f"wrote {path}")

@@ -14,12 +14,8 @@ Example::
 """
 
 from thinklens.circuits.anchors import ForcedAnswer, forced_answer
-from thinklens.circuits.anchors_attention import (
-    SentenceAttribution,
-    SuppressionResult,
-    sentence_attribution,
-    suppression,
-)
+from thinklens.circuits.anchors_attention import SuppressionResult, suppression
+from thinklens.circuits.anchors_attribution import SentenceAttribution, sentence_attribution
 from thinklens.circuits.anchors_resampling import (
     Resampling,
     embedding_comparator,

@@ -225,14 +225,40 @@ def _block_logprobs(model: Any, ids: list[int], cuts: list[int], blocks: list[li
         at = [[c + r for r in rd] for c in cuts for rd in reads]
         out = fwd.run(model, seqs, logits_at=at, sort=True)
         flat = [x.log_softmax(-1) for x in out]
-        return [flat[k * len(blocks):(k + 1) * len(blocks)] for k in range(len(cuts))]
-    return _tree(plain, model, ids[:cuts[-1]], cuts, blocks, reads, block_tokens)
+    else:
+        flat = tree_logprobs(plain, model, ids[:max(cuts)],
+                             [TreeBlock(c, b, rd) for c in cuts for b, rd in zip(blocks, reads)],
+                             block_tokens)
+    return [flat[k * len(blocks):(k + 1) * len(blocks)] for k in range(len(cuts))]
+
+
+@dataclass
+class TreeBlock:
+    """One block of :func:`tree_logprobs`: ``tokens`` at positions from ``cut``, seeing the
+    prefix's ``[:cut]`` (less ``hidden``) and themselves; ``reads``: block-relative rows
+    whose next-token log-probs are returned (only those of ``targets``, one per read row,
+    when given)."""
+
+    cut: int
+    tokens: list[int]
+    reads: list[int]
+    hidden: tuple[int, int] | None = None
+    targets: list[int] | None = None
 
 
 @torch.inference_mode()
-def _tree(net: Any, model: Any, prefix: list[int], cuts: list[int], blocks: list[list[int]],
-          reads: list[list[int]], block_tokens: int) -> list[list[Tensor]]:
-    """Step 4: the prefix once (KV cache), then every (cut, block) as tree-masked blocks."""
+def tree_logprobs(net: Any, model: Any, prefix: list[int], blocks: Sequence[TreeBlock],
+                  block_tokens: int) -> list[Tensor]:
+    """Step 4: the prefix once (KV cache), then every block, tree-masked, in few passes.
+
+    ``net`` is a plain Hugging Face module tree (``engine_for(model, "hf").plain``). Block
+    ``b`` sees ``prefix[:b.cut]`` and itself (causally), at positions continuing from
+    ``b.cut``; ``b.hidden`` (absolute positions ``[start, end)``) are keys it may not see,
+    in the prefix and in the block itself (positions unchanged: the same as zeros in the
+    attention mask of the whole sequence for those query rows). The cache is exact
+    because nothing before a block's cut is masked. Blocks are grouped so that no
+    group exceeds ``block_tokens`` query rows. Returns per block float32 CPU log-softmax
+    ``[len(reads), d_vocab]``, or ``[len(reads)]`` log-probs of ``targets``."""
     from transformers import DynamicCache
 
     dev, dtype = model.device, model.dtype
@@ -241,40 +267,47 @@ def _tree(net: Any, model: Any, prefix: list[int], cuts: list[int], blocks: list
     x = torch.tensor([prefix], device=dev)
     net(input_ids=x, position_ids=torch.arange(p, device=dev)[None], past_key_values=cache,
         use_cache=True, logits_to_keep=1)
-    items = [(k, b) for k in range(len(cuts)) for b in range(len(blocks))]
-    out: list[list[Tensor]] = [[None] * len(blocks) for _ in cuts]  # type: ignore[list-item]
-    groups: list[list[tuple[int, int]]] = [[]]
-    for it in items:
-        size = sum(len(blocks[b]) for _, b in groups[-1])
-        if groups[-1] and size + len(blocks[it[1]]) > block_tokens:
+    out: list[Tensor] = []
+    groups: list[list[TreeBlock]] = [[]]
+    for blk in blocks:
+        if groups[-1] and sum(len(g.tokens) for g in groups[-1]) + len(blk.tokens) > block_tokens:
             groups.append([])
-        groups[-1].append(it)
+        groups[-1].append(blk)
     low = torch.finfo(dtype).min
     for group in groups:
-        q = sum(len(blocks[b]) for _, b in group)
+        q = sum(len(g.tokens) for g in group)
         mask = torch.full((q, p + q), low, dtype=dtype, device=dev)
         toks, pos, where, at = [], [], [], 0
-        for k, b in group:
-            n = len(blocks[b])
-            mask[at:at + n, :cuts[k]] = 0
+        for blk in group:
+            n, c = len(blk.tokens), blk.cut
+            mask[at:at + n, :c] = 0
             mask[at:at + n, p + at:p + at + n] = torch.triu(
                 torch.full((n, n), low, dtype=dtype, device=dev), 1)
-            toks += blocks[b]
-            pos += range(cuts[k], cuts[k] + n)
-            where.append([at + r for r in reads[b]])
+            if blk.hidden is not None:
+                lo, hi = blk.hidden
+                mask[at:at + n, lo:min(hi, c)] = low
+                own = range(max(lo, c) - c, min(hi, c + n) - c)
+                if len(own):
+                    mask[at:at + n, p + at + own.start:p + at + own.stop] = low
+            toks += blk.tokens
+            pos += range(c, c + n)
+            where.append([at + r for r in blk.reads])
             at += n
         keep = torch.tensor([w for ws in where for w in ws], device=dev)
         logits = net(input_ids=torch.tensor([toks], device=dev),
                      position_ids=torch.tensor([pos], device=dev), attention_mask=mask[None, None],
                      past_key_values=cache, use_cache=True, logits_to_keep=keep).logits[0]
         cache.crop(p)
-        lp = logits.float().log_softmax(-1).cpu()
+        lp = logits.float().log_softmax(-1)
         at = 0
-        for (k, b), ws in zip(group, where):
-            out[k][b] = lp[at:at + len(ws)]
+        for blk, ws in zip(group, where):
+            rows = lp[at:at + len(ws)]
+            if blk.targets is not None:
+                rows = rows.gather(1, torch.tensor(blk.targets, device=dev)[:, None])[:, 0]
+            out.append(rows.cpu())
             at += len(ws)
     return out
 
 
 __all__ = ["ForcedAnswer", "forced_answer", "thinking_sentences", "reference_answer",
-           "default_prefix"]
+           "default_prefix", "tree_logprobs", "TreeBlock"]

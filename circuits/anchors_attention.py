@@ -35,27 +35,8 @@
    (the rest rewritten by the model under the mask) is
    :func:`thinklens.circuits.suppression_total`.
 
-**Sentence attribution** (attribution patching, Nanda 2023 / Kramár et al. 2024, applied
-to the key mask; one forward and one backward pass):
-
-1. Every thinking sentence gets a weight ``m_j`` on the attention to its keys. In every
-   head and layer each query row's weights on the keys of ``j`` are multiplied by
-   ``m_j`` and the weight taken from them, ``(1 − m_j) P_j`` (``P_j`` = the row's total
-   weight on ``j``), goes to the row's other keys in proportion to their weights. That is
-   the straight line between the plain pattern (``m = 1``) and the suppressed one of
-   step 2 (``m_j = 0`` is exactly suppression: the other keys ``p_k / (1 − P_j)``), taken
-   in pattern space, through a hook on ``blocks.L.attn.hook_pattern``.
-   Why not ``log m`` added to the scores (the rational path between the same two end
-   points): its derivative at ``m = 1`` is ``P_j (1 − P_j)`` per row, which vanishes where a
-   head puts almost all its weight on one sentence — the heads that matter most; the
-   linear path keeps the full difference ``p_supp − p`` (AtP on the pattern).
-2. One pass with ``u = 1 − m = 0`` and one backward pass of the answer's score give
-   ``g_j = ∂ score / ∂u_j`` at ``m = 1``; the first-order estimate of suppressing ``j``
-   (``m_j: 1 → 0``, ``u_j: 0 → 1``) is ``Δ̂_j = g_j``, to compare with the exact ``Δ_j``.
-3. The score is the answer's log-odds by default: a confident answer (``p ≈ 1``) has a
-   log-probability whose gradient is about 0 whatever the sentence, so its first-order
-   estimate says nothing; the log-odds is linear in the answer's logit margin. (The
-   KL's gradient is 0 at the baseline: it has no first-order estimate.)
+**Sentence attribution**, the first-order estimate of step 4's answer effects, is
+:mod:`thinklens.circuits.anchors_attribution`.
 
 Example::
 
@@ -64,7 +45,7 @@ Example::
     sup = suppression(model, trace)          # sup.matrix [query_sentence, key_sentence]
     sup.answer_logodds_delta                 # [sentence]: Δ log-odds(answer) per sentence
     att = sentence_attribution(model, trace)
-    att.estimate                             # [sentence]: its first-order estimate
+    att.estimate                             # [sentence]: its estimate
 """
 
 from __future__ import annotations
@@ -115,23 +96,7 @@ class SuppressionResult:
 
     def delta(self, metric: str = "logodds") -> Float[Tensor, " sentence"]:
         """``answer_logodds_delta`` (``"logodds"``) or ``answer_delta`` (``"logprob"``)."""
-        return self.answer_delta if _metric(metric) == "logprob" else self.answer_logodds_delta
-
-
-@dataclass
-class SentenceAttribution:
-    """First-order estimate of each sentence's suppression effect on the answer.
-
-    ``estimate[j]`` = ``∂ score / ∂(1 − m_j)`` at ``m = 1``, the linear estimate of
-    ``SuppressionResult.delta(metric)[j]``; ``metric`` is ``"logodds"`` or ``"logprob"``,
-    ``baseline`` the answer's unsuppressed score.
-    """
-
-    trace: Trace
-    sentences: list[str]
-    estimate: Float[Tensor, " sentence"]
-    metric: str
-    baseline: float
+        return self.answer_delta if check_metric(metric) == "logprob" else self.answer_logodds_delta
 
 
 def check_trace(trace: Trace, what: str) -> None:
@@ -164,7 +129,7 @@ def answer_rows(trace: Trace) -> tuple[list[int], list[int]]:
     return list(range(a.start - 1, a.end - 1)), list(trace.token_ids[a.start:a.end])
 
 
-def _score_sites(model) -> list[str]:
+def score_sites(model) -> list[str]:
     return [f"blocks.{layer}.attn.hook_attn_scores" for layer in range(model.config.n_layers)]
 
 
@@ -173,7 +138,7 @@ def key_mask_hooks(model, key_mask: Tensor) -> list[fwd.Hook]:
     def fn(x, hook):
         m = key_mask[:, None, None, : x.shape[-1]].to(x.device)
         return x.masked_fill(m, torch.finfo(x.dtype).min)
-    return [(s, fn) for s in _score_sites(model)]
+    return [(s, fn) for s in score_sites(model)]
 
 
 def masked_logits(model, seqs: Sequence[Sequence[int]], rows: Sequence[Sequence[int]],
@@ -186,32 +151,10 @@ def masked_logits(model, seqs: Sequence[Sequence[int]], rows: Sequence[Sequence[
     return [x.detach().float().cpu() for x in out]
 
 
-def _interp_hooks(model, u: Tensor, sent: Tensor) -> list[fwd.Hook]:
-    """Hooks replacing each pattern ``p`` by ``p + Σ_j u_j (p_supp_j − p)`` (``u = 1 − m``).
-
-    Per query row, ``P_j`` = the row's weight on sentence ``j``'s keys; the suppressed
-    row is ``p_k / (1 − P_j)`` off ``j`` and 0 on it, so the factor on key ``k`` is
-    ``1 + Σ_j u_j P_j / (1 − P_j) − u_{s(k)} / (1 − P_{s(k)})``. ``P`` is detached: the terms
-    it enters are multiplied by ``u``, which is 0 where the gradient is taken.
-    """
-    n = u.shape[0]
-
-    def fn(p, hook):
-        s = sent[: p.shape[-1]]
-        w = p.detach().float()
-        big = torch.zeros((*w.shape[:-1], n + 1), device=w.device).index_add_(-1, s, w)[..., :n]
-        inv = 1.0 / (1.0 - big).clamp(min=1e-6)                                # [b, h, q, S]
-        spread = (u * big * inv).sum(-1, keepdim=True)
-        u_key = torch.cat([u, u.new_zeros(1)])[s]                             # [k]
-        inv_key = torch.cat([inv, inv.new_zeros((*inv.shape[:-1], 1))], -1)[..., s]
-        return p * (1.0 + spread - u_key * inv_key).to(p.dtype)
-    return [(f"blocks.{layer}.attn.hook_pattern", fn) for layer in range(model.config.n_layers)]
-
-
 METRICS = ("logodds", "logprob")
 
 
-def _metric(metric: str) -> str:
+def check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise ConfigError(f"metric={metric!r}; valid: {', '.join(METRICS)}")
     return metric
@@ -291,13 +234,13 @@ def suppression(model, trace: Trace, *, sentences: Sequence[int] | None = None,
                 top = torch.zeros(n_sent).scatter_reduce_(0, tok_sent, drop[:n_think], "amax")
                 top[: j + 1] = float("nan")
                 drop_mat[:, j] = top
-    chain = _widest_path(drop_mat, ans_drop) if matrix and len(which) == n_sent else \
+    chain = widest_path(drop_mat, ans_drop) if matrix and len(which) == n_sent else \
         torch.full((n_sent,), float("nan"))
     return SuppressionResult(trace, [s.text for s in trace.sentences], mat, kl_ans, delta,
                              odds, base_ans, base_odds, which, drop_mat, ans_drop, chain)
 
 
-def _widest_path(edge: Tensor, to_answer: Tensor) -> Tensor:
+def widest_path(edge: Tensor, to_answer: Tensor) -> Tensor:
     """Per sentence, the widest path to the answer: ``c[j] = max(to_answer[j],
     max_{i > j} min(edge[i, j], c[i]))``, computed from the last sentence back."""
     n = to_answer.shape[0]
@@ -308,33 +251,6 @@ def _widest_path(edge: Tensor, to_answer: Tensor) -> Tensor:
     return c
 
 
-def sentence_attribution(model, trace: Trace, *, metric: str = "logodds") -> SentenceAttribution:
-    """First-order estimate of every sentence's suppression effect: one forward, one backward.
-
-    ``metric``: the answer's score whose change is estimated, ``"logodds"`` (default; see
-    the module's step 3 of sentence attribution) or ``"logprob"``.
-
-    Example::
-
-        att = sentence_attribution(model, trace)
-        att.estimate.shape         # (S,): estimated Δ log-odds(answer) of suppressing each
-    """
-    check_trace(trace, "sentence_attribution")
-    _metric(metric)
-    fwd.as_traces(model, [trace])
-    n_sent, n_tok = len(trace.sentences), len(trace.token_ids)
-    sent = sentence_index(sentence_bounds(trace), n_tok).to(model.device)
-    ans_rows, ans_ids = answer_rows(trace)
-    u = torch.zeros(n_sent, device=model.device, requires_grad=True)
-    batch = fwd.pad(model, [list(trace.token_ids)], [0])
-    out = fwd.forward(model, batch, _interp_hooks(model, u, sent), logits_at=[ans_rows],
-                      grad=True, attention="eager")
-    score = answer_score(out[0], ans_ids, metric)
-    (grad,) = torch.autograd.grad(score, u)
-    return SentenceAttribution(trace, [s.text for s in trace.sentences],
-                               grad.detach().float().cpu(), metric, float(score.detach()))
-
-
-__all__ = ["SuppressionResult", "SentenceAttribution", "suppression", "sentence_attribution",
-           "check_trace", "KL_FLOOR", "METRICS", "key_mask_hooks", "answer_score",
-           "answer_rows", "sentence_bounds", "sentence_list", "masked_logits"]
+__all__ = ["SuppressionResult", "suppression", "check_trace", "check_metric", "score_sites",
+           "KL_FLOOR", "METRICS", "key_mask_hooks", "answer_score", "answer_rows",
+           "sentence_bounds", "sentence_list", "masked_logits", "widest_path"]

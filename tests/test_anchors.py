@@ -148,7 +148,7 @@ def test_smollm2_every_sentence_measure_runs_and_draws(smollm):
     tr = trs[0]
     sup = circuits.suppression(smollm, tr)
     tot = circuits.suppression_total(smollm, tr, max_new_tokens=12)
-    att = circuits.sentence_attribution(smollm, tr)
+    att = circuits.sentence_attribution(smollm, tr, chain=True)
     ri = circuits.resampling(smollm, tr, n=2, temperature=1.0, max_new_tokens=12,
                              progress=False)
     rh = circuits.receiver_heads(smollm, trs, k=4, proximity=1, min_sentences=3)
@@ -158,7 +158,7 @@ def test_smollm2_every_sentence_measure_runs_and_draws(smollm):
     para = circuits.paraphrase(smollm, tr, lambda s: s.replace("Then", "Next,"),
                                max_new_tokens=12)
     for x in (sup.answer_logodds_delta, sup.answer_kl, sup.chain, tot.answer_kl,
-              tot.answer_delta, att.estimate, ri.resampling, rh.kurtosis[1:].flatten()):
+              tot.answer_delta, att.estimate, att.chain, ri.resampling, rh.kurtosis[1:].flatten()):
         assert torch.isfinite(x).all(), x
     assert all(a is not None for a in tot.controls) and tot.changed.isfinite().all()
     assert math.isfinite(early.aoc) and fill.original == "6"

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from thinklens import Trace, circuits
 from thinklens.circuits import anchors_attention as sup_mod
+from thinklens.circuits import anchors_attribution as att_mod
 from thinklens.errors import ConfigError, PositionError
 from thinklens.hooks import forward as fwd
 from thinklens.hooks.blockwise import sentence_index
@@ -35,12 +36,14 @@ def model_and_folder(request):
     return m, folder
 
 
-def _hf_logprobs(hf, trace, hidden: tuple[int, int] | None) -> torch.Tensor:
-    """Next-token log-probs [pos, vocab] of an HF forward with keys ``hidden`` masked."""
+def _hf_logprobs(hf, trace, hidden: tuple[int, int] | None, rows_from: int = 0,
+                 rows_to: int | None = None) -> torch.Tensor:
+    """Next-token log-probs [pos, vocab] of an HF forward with keys ``hidden`` masked from
+    the query rows ``rows_from .. rows_to - 1`` (all rows by default)."""
     n = len(trace.token_ids)
     allow = torch.ones(n, n, dtype=torch.bool).tril()
     if hidden is not None:
-        allow[:, hidden[0]:hidden[1]] = False
+        allow[rows_from:rows_to, hidden[0]:hidden[1]] = False
     mask = torch.zeros(1, 1, n, n).masked_fill(~allow, torch.finfo(torch.float32).min)
     with torch.no_grad():
         return hf(torch.tensor([trace.token_ids]), attention_mask=mask).logits[0].log_softmax(-1)
@@ -108,33 +111,110 @@ def test_suppression_batches_equal_one_by_one(organism):
     assert int(one.answer_logodds_delta.argmin()) == len(trace.sentences) - 1
 
 
-def _path_score(model, trace, u: torch.Tensor) -> float:
+def _path_score(model, trace, u: torch.Tensor, below: int | None = None) -> float:
     sent = sentence_index(sup_mod.sentence_bounds(trace), len(trace.token_ids))
     rows, ids = sup_mod.answer_rows(trace)
     batch = fwd.pad(model, [trace.token_ids], [0])
-    out = fwd.forward(model, batch, sup_mod._interp_hooks(model, u, sent), logits_at=[rows],
-                      attention="eager")
+    out = fwd.forward(model, batch, att_mod.interp_hooks(model, u, sent, below),
+                      logits_at=[rows], attention="eager")
     return float(sup_mod.answer_score(out[0].float(), ids, "logodds"))
+
+
+def _slopes(model, trace, below, eps=1e-2) -> list[float]:
+    n = len(trace.sentences)
+    out = []
+    for j in range(n):
+        e = torch.zeros(n)
+        e[j] = 1.0
+        out.append((_path_score(model, trace, eps * e, below)
+                    - _path_score(model, trace, -eps * e, below)) / (2 * eps))
+    return out
 
 
 def test_attribution_is_the_slope_of_a_path_ending_at_suppression(model):
     organism = model  # each architecture: GQA (Qwen2), QK-norm (Qwen3), Llama (organism)
     trace = Trace.from_text(organism, PROMPT, COMPLETION)
-    att = circuits.sentence_attribution(organism, trace)
+    att = circuits.sentence_attribution(organism, trace, mode="linear")
     exact = circuits.suppression(organism, trace, matrix=False)
     n = len(trace.sentences)
     base = _path_score(organism, trace, torch.zeros(n))
     assert att.baseline == pytest.approx(base, abs=1e-4)
     assert exact.baseline_logodds == pytest.approx(base, abs=1e-4)
-    eps = 1e-2
-    for j in range(n):
+    assert torch.equal(att.estimate, att.thinking_part) and not att.answer_part.any()
+    for j, slope in enumerate(_slopes(organism, trace, None)):
         e = torch.zeros(n)
         e[j] = 1.0
         end = _path_score(organism, trace, e) - base            # m_j = 0: suppression
         assert end == pytest.approx(float(exact.answer_logodds_delta[j]), abs=2e-3)
-        slope = (_path_score(organism, trace, eps * e) - _path_score(organism, trace, -eps * e)) \
-            / (2 * eps)
         assert float(att.estimate[j]) == pytest.approx(slope, rel=5e-2, abs=5e-3)
+
+
+def test_mixed_attribution_is_exact_after_the_thinking_and_a_slope_before(model_and_folder):
+    model, folder = model_and_folder
+    trace = Trace.from_text(model, PROMPT, COMPLETION)
+    att = circuits.sentence_attribution(model, trace)          # mode="mixed"
+    e = att.answer_row
+    rows, ids = sup_mod.answer_rows(trace)
+    assert e == min(trace.sentences[-1].end, rows[0]) and att.mode == "mixed"
+    # the exact part: a fresh HF model whose rows >= e cannot see sentence j (4-D mask)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+
+    def score(lp):
+        return float(sup_mod.answer_score(lp[rows], ids, "logodds"))
+    base = score(_hf_logprobs(hf, trace, None))
+    for j, s in enumerate(trace.sentences):
+        ref = score(_hf_logprobs(hf, trace, (s.start, s.end), rows_from=e)) - base
+        assert float(att.answer_part[j]) == pytest.approx(ref, abs=2e-3)
+    # the thinking part: the slope of the path applied to the rows before e only
+    for j, slope in enumerate(_slopes(model, trace, e)):
+        assert float(att.thinking_part[j]) == pytest.approx(slope, rel=5e-2, abs=5e-3)
+    torch.testing.assert_close(att.estimate, att.thinking_part + att.answer_part)
+    # the organism's answer copies the last step: nearly all of its effect is exact
+    if folder == organism_folder():
+        exact = circuits.suppression(model, trace, matrix=False).answer_logodds_delta
+        assert float(att.estimate[-1]) == pytest.approx(float(exact[-1]), rel=0.2)
+    # with hooks on the model the bridge computes the same exact part
+    with model.hooks([("blocks.0.hook_resid_pre", lambda x, hook: x)]):
+        hooked = circuits.sentence_attribution(model, trace)
+    torch.testing.assert_close(hooked.answer_part, att.answer_part, atol=2e-3, rtol=0)
+
+
+def test_attribution_chain_is_built_from_local_masks(model_and_folder):
+    """local_drop[i, j]: sentence j hidden from the rows predicting sentence i's tokens only
+    (a fresh HF model with a 4-D mask); chain: the widest path over those drops."""
+    model, folder = model_and_folder
+    trace = Trace.from_text(model, PROMPT, COMPLETION)
+    att = circuits.sentence_attribution(model, trace, chain=True)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    ids = torch.tensor(trace.token_ids)
+    s, n = trace.sentences, len(trace.sentences)
+    base = _hf_logprobs(hf, trace, None).exp()
+    rows, ans = sup_mod.answer_rows(trace)
+    for j in range(n):
+        for i in range(j + 1, n):
+            lo, hi = s[i].start - 1, s[i].end - 1
+            p = _hf_logprobs(hf, trace, (s[j].start, s[j].end), lo, hi).exp()
+            r = torch.arange(lo, hi)
+            ref = float((base[r, ids[r + 1]] - p[r, ids[r + 1]]).clamp(min=0).max())
+            assert float(att.local_drop[i, j]) == pytest.approx(ref, abs=2e-3)
+        p = _hf_logprobs(hf, trace, (s[j].start, s[j].end), att.answer_row).exp()
+        r = torch.tensor(rows)
+        ref = float((base[r, ids[r + 1]] - p[r, ids[r + 1]]).clamp(min=0).max())
+        assert float(att.answer_local_drop[j]) == pytest.approx(ref, abs=2e-3)
+    assert torch.isnan(att.local_drop[torch.ones(n, n, dtype=torch.bool).triu()]).all()
+    c = [0.0] * n
+    for j in reversed(range(n)):
+        c[j] = max([float(att.answer_local_drop[j])] + [
+            min(float(att.local_drop[i, j]), c[i]) for i in range(j + 1, n)])
+    torch.testing.assert_close(att.chain, torch.tensor(c))
+    if folder == organism_folder():  # a plain chain: every step reaches the answer
+        assert float(att.chain.min()) > 0.9
+        torch.testing.assert_close(att.chain, circuits.suppression(model, trace).chain,
+                                   atol=0.05, rtol=0)
+    plain = circuits.sentence_attribution(model, trace)
+    assert torch.isnan(plain.chain).all() and torch.isnan(plain.local_drop).all()
 
 
 def _reference_vertical(model, trace, proximity) -> torch.Tensor:
@@ -208,6 +288,8 @@ def test_bad_input_is_refused_before_any_pass(organism):
         circuits.suppression(organism, trace, sentences=[0, 9])
     with pytest.raises(ConfigError, match="metric='kl'"):
         circuits.sentence_attribution(organism, trace, metric="kl")
+    with pytest.raises(ConfigError, match="mode='exact'; valid: mixed, linear"):
+        circuits.sentence_attribution(organism, trace, mode="exact")
     with pytest.raises(ConfigError, match="k=20 receiver heads; valid 1..12"):
         circuits.receiver_heads(organism, [trace])
     with pytest.raises(ConfigError, match="exclude_layers has layer 7"):

@@ -78,9 +78,9 @@ def test_scores_equal_the_circuits_functions(backtrack, traces_file, tmp_path):
     torch.testing.assert_close(sc["suppression_chain"], sup.chain.float(), **close)
     tot = circuits.suppression_total(backtrack, t, max_new_tokens=48)
     torch.testing.assert_close(sc["total_kl"], tot.answer_kl.float(), **close)
-    torch.testing.assert_close(sc["attribution"],
-                               -circuits.sentence_attribution(backtrack, t).estimate.float(),
-                               **close)
+    att = circuits.sentence_attribution(backtrack, t, chain=True)
+    torch.testing.assert_close(sc["attribution"], -att.estimate.float(), **close)
+    torch.testing.assert_close(sc["attribution_chain"], att.chain.float(), **close)
     ri = circuits.resampling(backtrack, t, n=4, max_new_tokens=48, comparator="exact",
                              progress=False)
     torch.testing.assert_close(sc["resampling"], ri.resampling.float(), **close)

@@ -23,7 +23,8 @@ names: ``forced``, ``forced_kl`` (:func:`~thinklens.circuits.forced_answer`);
 ``suppression`` (drop of the answer's log-odds), ``suppression_kl``, ``suppression_chain``
 (:func:`~thinklens.circuits.suppression`); ``total`` (drop of the answer's log-odds),
 ``total_kl``, ``total_changed`` (:func:`~thinklens.circuits.suppression_total`);
-``attribution`` (estimated drop, :func:`~thinklens.circuits.sentence_attribution`);
+``attribution`` (estimated drop), ``attribution_chain`` (its chain estimate)
+(:func:`~thinklens.circuits.sentence_attribution`);
 ``resampling``, ``resampling_kl``, ``resampling_low``, ``resampling_high``,
 ``counterfactual``, ``counterfactual_kl`` (:func:`~thinklens.circuits.resampling`).
 
@@ -74,7 +75,8 @@ def _total(model: Any, t: Trace, s: dict) -> dict:
 
 
 def _attribution(model: Any, t: Trace, s: dict) -> dict:
-    return {"attribution": -C.sentence_attribution(model, t).estimate}
+    att = C.sentence_attribution(model, t, chain=True)
+    return {"attribution": -att.estimate, "attribution_chain": att.chain}
 
 
 def _resampling(model: Any, t: Trace, s: dict) -> dict:

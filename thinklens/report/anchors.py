@@ -10,7 +10,8 @@ needs ground truth (:mod:`thinklens.circuits`):
 3. Attention suppression (:func:`~thinklens.circuits.suppression`): each sentence's keys
    masked in every head; the change of the answer's log-odds, and the sentence ×
    sentence matrix of effects; :func:`~thinklens.circuits.sentence_attribution`, its
-   one-pass gradient estimate; :func:`~thinklens.circuits.suppression_total`, the total
+   estimate from one cached pass (exact through the answer's queries, first order through
+   the thinking's); :func:`~thinklens.circuits.suppression_total`, the total
    effect of the same mask (the rest rewritten greedily without the sentence, its answer
    compared with an unmasked rewrite's by KL; each rewrite at most as long as the
    trace's rest, :data:`MAX_REWRITE` tokens).
@@ -67,8 +68,9 @@ def anchors(model: Any, trs: list, *, cap: Any = None, resample: bool = False,
         "answer: the thinking is closed after each sentence and the probability of the "
         "model's own final answer is read there; a sentence's importance is the rise it "
         "brings. Suppression: the sentence's keys are masked in every attention head and the "
-        "change of the answer's log-odds is measured (attribution: its gradient estimate in "
-        "one pass; total effect: the model rewrites the rest of the thinking without seeing "
+        "change of the answer's log-odds is measured (attribution: its estimate from one "
+        "cached pass, exact through the answer's own queries and first order through the "
+        "thinking's; total effect: the model rewrites the rest of the thinking without seeing "
         "the sentence, and the KL of its answer from that of an unmasked rewrite is "
         "measured). Receiver heads: heads whose attention concentrates on a few sentences "
         "(high kurtosis of the vertical scores); a sentence's receiver score is the "
