@@ -172,11 +172,35 @@ def _vllm_requests(r: Request, greedy: bool) -> list[tuple[int, int | None]]:
     return [(1, sample_seed(r.seed, j)) for j in range(r.n)]
 
 
-def _shutdown(llm: Any) -> None:
-    """Stop the engine core's processes; safe to call twice and at interpreter exit."""
+def _children() -> set[int]:
+    import psutil  # a dependency of vLLM
+
+    return {c.pid for c in psutil.Process().children(recursive=True)}
+
+
+def _shutdown(llm: Any, pids: set[int]) -> None:
+    """Stop the engine core's processes and wait until they are gone (``pids``: the
+    processes its start created); safe to call twice and at interpreter exit. vLLM's own
+    shutdown ends with a SIGKILL it does not wait for, so a process could still be
+    running when ``close()`` returned."""
+    import psutil
+
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None:
         core.shutdown()
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(alive, timeout=10)
 
 
 class VLLMEngine:
@@ -199,6 +223,7 @@ class VLLMEngine:
         _check_architecture(model, options)
         self._model = weakref.ref(model)
         self._eos = model.tokenizer.eos_token_id
+        before = _children()
         try:
             self._llm = vllm.LLM(**self.options)
         except Exception as err:  # vLLM raises many kinds; the cause is what matters
@@ -208,7 +233,7 @@ class VLLMEngine:
                 "engine='hf' runs every model thinklens loads") from err
         self._params = vllm.SamplingParams
         self._prompt = vllm.inputs.TokensPrompt
-        self._finalizer = weakref.finalize(self, _shutdown, self._llm)
+        self._finalizer = weakref.finalize(self, _shutdown, self._llm, _children() - before)
 
     def generate(self, requests: Sequence[Request], sampling: Sampling, *,
                  progress: bool | None = None) -> list[list[Completion]]:
