@@ -59,6 +59,7 @@ from torch import Tensor
 
 from thinklens.circuits.anchors import thinking_sentences
 from thinklens.errors import ConfigError, PositionError
+from thinklens.hooks import budget as budget_mod
 from thinklens.hooks import forward as fwd
 from thinklens.hooks.blockwise import sentence_index
 from thinklens.hooks.trace import Trace
@@ -172,13 +173,30 @@ def answer_score(logits: Tensor, answer: Sequence[int], metric: str = "logprob")
     return lp.sum()
 
 
+def suppression_peak(model, trace: Trace, batch_size: int, matrix: bool) -> int:
+    """Bytes one batch of :func:`suppression` needs: an eager no-grad pass of ``batch_size``
+    copies (:func:`thinklens.hooks.budget.forward_peak`), the score hook's masked copy
+    (measured, tests/test_budget.py: half a ``batch × heads × T²`` more) and the float32
+    logits it keeps (every thinking row with the matrix, else the answer's; the batch's
+    and the baseline's log-probabilities and probabilities)."""
+    n, c = len(trace.token_ids), model.config
+    rows = n if matrix else len(trace.answer_span)
+    kept = (batch_size + 3) * rows * c.d_vocab * 4
+    masked = 0.5 * batch_size * c.n_heads * n * n * model.dtype.itemsize
+    return int(budget_mod.forward_peak(c, batch_size, n, model.dtype.itemsize, "eager")
+               + masked + kept)
+
+
 def suppression(model, trace: Trace, *, sentences: Sequence[int] | None = None,
-                batch_size: int = 8, matrix: bool = True) -> SuppressionResult:
+                batch_size: int = 8, matrix: bool = True,
+                budget: int | float | str | None = None) -> SuppressionResult:
     """Mask the keys of each thinking sentence in every head and layer; score the effects.
 
     ``sentences``: indices to suppress (default all); ``batch_size``: suppressed copies
     per forward pass; ``matrix=False`` skips the sentence×sentence matrix (the answer
-    effects need only the answer rows' logits).
+    effects need only the answer rows' logits). ``budget``: memory allowed (bytes,
+    ``"8GB"``; default 60 % of free memory); a trace whose pass would need more is
+    refused before any pass, with the settings that need less.
 
     Example::
 
@@ -190,6 +208,15 @@ def suppression(model, trace: Trace, *, sentences: Sequence[int] | None = None,
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r}; must be a positive integer")
     fwd.as_traces(model, [trace])
+    batch_size = min(batch_size, len(which))
+    ways = []  # the settings that lower the peak
+    if batch_size > 1:
+        ways.append(("batch_size=1", suppression_peak(model, trace, 1, matrix)))
+    if matrix:
+        ways.append(("matrix=False", suppression_peak(model, trace, batch_size, False)))
+    budget_mod.check_need(f"suppression of a {len(trace.token_ids)}-token trace",
+                          suppression_peak(model, trace, batch_size, matrix),
+                          budget_mod.parse_budget(budget, model.device), ways)
     n_sent, n_tok = len(trace.sentences), len(trace.token_ids)
     bounds = sentence_bounds(trace)
     sent = sentence_index(bounds, n_tok)
@@ -253,4 +280,5 @@ def widest_path(edge: Tensor, to_answer: Tensor) -> Tensor:
 
 __all__ = ["SuppressionResult", "suppression", "check_trace", "check_metric", "score_sites",
            "KL_FLOOR", "METRICS", "key_mask_hooks", "answer_score", "answer_rows",
-           "sentence_bounds", "sentence_list", "masked_logits", "widest_path"]
+           "sentence_bounds", "sentence_list", "masked_logits", "widest_path",
+           "suppression_peak"]

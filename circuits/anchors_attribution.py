@@ -91,11 +91,14 @@ from thinklens.circuits.anchors_attention import (
     check_trace,
     score_sites,
     sentence_bounds,
+    suppression_peak,
     widest_path,
 )
 from thinklens.errors import ConfigError
+from thinklens.hooks import budget as budget_mod
 from thinklens.hooks import forward as fwd
 from thinklens.hooks.blockwise import sentence_index
+from thinklens.hooks.budget import attribution_peak
 from thinklens.hooks.generate import engine_for
 from thinklens.hooks.trace import Trace
 
@@ -219,13 +222,18 @@ def _exact_parts(model, trace: Trace, e: int, metric: str, chain: bool
 
 
 def sentence_attribution(model, trace: Trace, *, metric: str = "logodds",
-                         mode: str = "mixed", chain: bool = False) -> SentenceAttribution:
+                         mode: str = "mixed", chain: bool = False,
+                         budget: int | float | str | None = None) -> SentenceAttribution:
     """Estimate every sentence's suppression effect on the answer (module docstring).
 
     ``metric``: the answer's score whose change is estimated, ``"logodds"`` (default) or
     ``"logprob"``. ``mode``: ``"mixed"`` (default; exact through the answer's own queries,
     first order through the thinking's) or ``"linear"`` (first order everywhere: one
     forward, one backward). ``chain=True`` adds step 5's local drops and chain estimate.
+    ``budget``: memory allowed (bytes, ``"8GB"``; default 60 % of free memory): the
+    backward pass keeps every layer's ``heads × T²`` attention, so a long trace is refused
+    before any pass, naming exact :func:`~thinklens.circuits.suppression` (no backward
+    pass) where that needs less.
 
     Example::
 
@@ -240,6 +248,11 @@ def sentence_attribution(model, trace: Trace, *, metric: str = "logodds",
         raise ConfigError(f"chain={chain!r}; give True or False")
     fwd.as_traces(model, [trace])
     n_sent, n_tok = len(trace.sentences), len(trace.token_ids)
+    budget_mod.check_need(
+        f"sentence_attribution of a {n_tok}-token trace", attribution_peak(model.config, n_tok),
+        budget_mod.parse_budget(budget, model.device),
+        [("exact suppression(model, trace, matrix=False, batch_size=1) instead",
+          suppression_peak(model, trace, 1, False))])
     sent = sentence_index(sentence_bounds(trace), n_tok).to(model.device)
     ans_rows, ans_ids = answer_rows(trace)
     e = min(trace.sentences[-1].end, ans_rows[0])

@@ -145,16 +145,34 @@ def check(est: Estimate, budget: int, streaming: bool,
     number are listed, with their estimate.
     """
     need = est.need(streaming)
+    check_need("capture", need, budget, alternatives,
+               detail=f" (kept {fmt(need - est.forward_peak)} + forward pass peak "
+                      f"{fmt(est.forward_peak)})")
+
+
+def check_need(what: str, need: int, budget: int,
+               alternatives: Sequence[tuple[str, int]] | None = None, *,
+               detail: str = "") -> None:
+    """Refuse (``BudgetError``) ``what`` when its estimated ``need`` exceeds ``budget``,
+    listing only the ``(change, bytes)`` alternatives that lower it, with their estimates."""
     if need <= budget:
         return
     ways = sorted((n, text) for text, n in (alternatives or ()) if n < need)
     listed = "; ".join(f"{text} (about {fmt(n)}{', fits' if n <= budget else ''})"
                        for n, text in ways)
     raise BudgetError(
-        f"capture needs about {fmt(need)} (kept {fmt(need - est.forward_peak)} + forward "
-        f"pass peak {fmt(est.forward_peak)}) but the memory budget is {fmt(budget)}. "
-        + (f"Alternatives: {listed}; " if listed else "No change of the capture lowers it; ")
+        f"{what} needs about {fmt(need)}{detail} but the memory budget is {fmt(budget)}. "
+        + (f"Alternatives: {listed}; " if listed else "No other setting lowers it; ")
         + "or raise the budget with budget='32GB' if the memory is really there.")
+
+
+def attribution_peak(cfg, length: int) -> int:
+    """Peak bytes of one eager forward + backward pass of one sequence of ``length`` through
+    sentence attribution's pattern-path hooks (float32 in the hooks). Measured on CPU
+    (tests/test_budget.py): per layer about 4.9 copies of the ``heads × T²`` scores and
+    2.5 of the MLP's three ``d_mlp`` activations are kept for the backward pass."""
+    per_layer = 4.9 * cfg.n_heads * length ** 2 + 7.5 * max(cfg.d_mlp, cfg.d_model) * length
+    return int(cfg.n_layers * per_layer * 4)
 
 
 def estimate(model, traces, sites, shapes, pos, sentence, heads, out_dtype, batch_size,
@@ -234,4 +252,5 @@ def alternatives(model, traces, sites, shapes, pos, stats, heads, out_dtype, bat
 
 
 __all__ = ["ATTENTION", "Estimate", "parse_budget", "fmt", "statistics_bytes",
-           "forward_peak", "check", "estimate", "implementation_for", "alternatives"]
+           "forward_peak", "check", "check_need", "attribution_peak", "estimate",
+           "implementation_for", "alternatives"]

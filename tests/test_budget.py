@@ -22,16 +22,18 @@ import torch
 
 from thinklens.errors import BudgetError
 
-CHILD = r'''
+HEADER = r'''
 import ctypes, gc, json, sys, warnings
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
 import thinklens
-from thinklens import Trace
+from thinklens import Trace, circuits
+from thinklens.circuits.anchors_attention import suppression_peak
 from thinklens.hooks import budget as budget_mod
 from thinklens.hooks import capture as capture_mod
+from thinklens.hooks.budget import attribution_peak
 from thinklens.hooks.positions import positions_of
 
 def status(field):
@@ -40,6 +42,9 @@ def status(field):
             return int(line.split()[1]) * 1024
 
 model = thinklens.load(sys.argv[1])
+'''
+
+CHILD = HEADER + r'''
 out = []
 for case in json.loads(sys.argv[2]):
     tr = [Trace.from_text(model, "a = 7 ; ? b", "a = 7 ; b = a + 2 . " * case["repeat"])]
@@ -80,14 +85,18 @@ def wide_dir(tmp_path_factory) -> Path:
 
     from thinklens.zoo.vocab import build_tokenizer
 
-    folder = tmp_path_factory.mktemp("wide-qwen2")
-    tok = build_tokenizer()
-    torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=64, hidden_size=256, intermediate_size=4096,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=8192, tie_word_embeddings=False)
-    hf = Qwen2ForCausalLM(cfg)
-    hf.config.architectures = ["Qwen2ForCausalLM"]
+    return _saved(tmp_path_factory.mktemp("wide-qwen2"), Qwen2ForCausalLM, cfg,
+                  build_tokenizer())
+
+
+def _saved(folder: Path, cls, cfg, tok) -> Path:
+    """A seeded random ``cls(cfg)`` saved with ``tok`` under ``folder``."""
+    torch.manual_seed(0)
+    hf = cls(cfg)
+    hf.config.architectures = [cls.__name__]
     hf.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -161,3 +170,78 @@ def test_refusal_lists_only_alternatives_that_lower_the_estimate(qwen2, monkeypa
                                   batch_size=1)
     store = [n for w, n in ways1 if w.startswith("write to a store")]
     assert store and store[0] < need1 and "write to a store" in msg1
+
+
+ANCHORS_CHILD = HEADER + r'''
+warm = Trace.from_text(model, "a = 7 ; ? b", "a = 7 . b = a + 2 . </think> 9 <eos>")
+circuits.sentence_attribution(model, warm, mode="linear")
+circuits.suppression(model, warm, matrix=False)
+out = []
+for repeat in json.loads(sys.argv[2]):
+    tr = Trace.from_text(model, "a = 7 ; ? b", "a = 7 . b = a + 2 . " * repeat + "</think> 9 <eos>")
+    for what in ("attribution", "suppression"):
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        base = status("VmRSS")
+        if what == "attribution":
+            circuits.sentence_attribution(model, tr, mode="linear")
+            est = attribution_peak(model.config, len(tr))
+        else:
+            circuits.suppression(model, tr, matrix=False, batch_size=2, sentences=[0, 1])
+            est = suppression_peak(model, tr, 2, False)
+        out.append({"what": what, "tokens": len(tr), "measured": status("VmHWM") - base,
+                    "estimate": est})
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory) -> Path:
+    """Random Llama (6 layers, d_model 192, d_mlp 512, 6 heads): attention-dominated."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from thinklens.zoo.vocab import build_tokenizer
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=192, intermediate_size=512,
+                      num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+                      max_position_embeddings=8192, tie_word_embeddings=False)
+    return _saved(tmp_path_factory.mktemp("deep-llama"), LlamaForCausalLM, cfg,
+                  build_tokenizer())
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_anchor_estimates_within_30_percent_of_the_measured_peak(wide_dir, deep_dir):
+    """sentence_attribution's forward + backward and suppression's batch, two shapes and two
+    lengths each (~1.5k and ~2.5k tokens; two suppressed sentences: one batch)."""
+    seen, bad = {}, {}
+    for folder in (wide_dir, deep_dir):
+        proc = subprocess.run([sys.executable, "-c", ANCHORS_CHILD, str(folder), "[150, 250]"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        for r in json.loads(proc.stdout.strip().splitlines()[-1]):
+            assert r["measured"] > 50e6
+            key = (folder.name, r["what"], r["tokens"])
+            seen[key] = round(r["estimate"] / r["measured"], 2)
+            if not 0.7 <= seen[key] <= 1.3:
+                bad[key] = seen[key]
+    assert not bad, f"estimate / measured outside [0.7, 1.3]: {bad} (all: {seen})"
+    assert len(seen) == 8
+
+
+def test_long_traces_are_refused_before_any_pass(organism):
+    from thinklens import Trace, circuits
+
+    trace = Trace.from_text(organism, "c = b + 4 ; a = 7 ; b = a - 2 ; ? c",
+                            "c = b + 4 . b = a - 2 . a = 7 . b = 7 - 2 = 5 . c = 5 + 4 = 9 . "
+                            "</think> 9 <eos>")
+    with pytest.raises(BudgetError, match=r"suppression of a 55-token trace needs about .* "
+                       r"Alternatives: batch_size=1 \(about .*\); matrix=False"):
+        circuits.suppression(organism, trace, budget=1000)
+    with pytest.raises(BudgetError, match=r"sentence_attribution of a 55-token trace needs "
+                       r"about .*Alternatives: exact suppression\(model, trace, "
+                       r"matrix=False, batch_size=1\) instead"):
+        circuits.sentence_attribution(organism, trace, budget=1000)
+    with pytest.raises(BudgetError, match="No other setting lowers it"):
+        circuits.suppression(organism, trace, batch_size=1, matrix=False, budget=1000)
+    assert circuits.suppression(organism, trace, budget="1GB").answer_kl.isfinite().all()
