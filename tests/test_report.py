@@ -352,3 +352,17 @@ def test_study_restores_torch_threads(organism):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_anchors_section_leaves_out_what_does_not_fit_the_memory_budget(organism, monkeypatch):
+    """A long trace must not take the whole report down: the measures over budget are left
+    out with the refusal in the note (here: a tiny budget for every check)."""
+    from thinklens.hooks import budget as budget_mod
+    from thinklens.report.anchors import anchors
+
+    trs = [organism.think(p) for p in PROMPTS]
+    monkeypatch.setattr(budget_mod, "parse_budget", lambda budget, device: 1000)
+    s = anchors(organism, trs, total=False)
+    assert "suppression left out: suppression of a" in s.note
+    assert "attribution left out: sentence_attribution of a" in s.note
+    assert "Alternatives: batch_size=1" in s.note

@@ -21,8 +21,9 @@ needs ground truth (:mod:`thinklens.circuits`):
 5. With ``resample=True``: resampling importance (:func:`~thinklens.circuits.resampling`,
    rollouts from each cut; costly).
 
-A measure the data cannot support (too few sentences, no answer) is left out with the
-reason in the section's note, rather than drawn from noise.
+A measure the data cannot support (too few sentences, no answer), or that would not fit
+the memory budget on a long trace, is left out with the reason in the section's note,
+rather than drawn from noise or run out of memory.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import replace
 from typing import Any
 
 from thinklens import circuits as C
-from thinklens.errors import ConfigError
+from thinklens.errors import BudgetError, ConfigError
 from thinklens.hooks.answers import default_extractor
 from thinklens.plots import (
     plot_receiver_kurtosis,
@@ -89,7 +90,7 @@ def anchors(model: Any, trs: list, *, cap: Any = None, resample: bool = False,
     def attempt(name: str, fn: Any) -> Any:
         try:
             return fn()
-        except ConfigError as e:
+        except (ConfigError, BudgetError) as e:   # too little data, or too long a trace
             notes.append(f"{name} left out: {e}")
             return None
 
