@@ -71,7 +71,9 @@ def anchors(model: Any, trs: list, *, cap: Any = None, resample: bool = False,
         "brings. Suppression: the sentence's keys are masked in every attention head and the "
         "change of the answer's log-odds is measured (attribution: its estimate from one "
         "cached pass, exact through the answer's own queries and first order through the "
-        "thinking's; total effect: the model rewrites the rest of the thinking without seeing "
+        "thinking's; chain: from the same passes, the widest path to the answer through the "
+        "drops of what later sentences wrote, for a step the answer reads only through the "
+        "steps after it; total effect: the model rewrites the rest of the thinking without seeing "
         "the sentence, and the KL of its answer from that of an unmasked rewrite is "
         "measured). Receiver heads: heads whose attention concentrates on a few sentences "
         "(high kurtosis of the vertical scores); a sentence's receiver score is the "
@@ -100,6 +102,7 @@ def anchors(model: Any, trs: list, *, cap: Any = None, resample: bool = False,
     sup = attempt("suppression", lambda: C.suppression(model, trace))
     if sup is not None:
         measures["suppression"] = sup
+        measures["chain"] = sup.chain   # the same passes: through the later sentences
     budget = min(MAX_REWRITE, len(trace.token_ids) - trace.sentences[0].end + 8)
     tot = attempt("total effect", lambda: C.suppression_total(
         model, trace, max_new_tokens=budget)) if total else None
