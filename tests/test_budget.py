@@ -185,10 +185,11 @@ for repeat in json.loads(sys.argv[2]):
         Path("/proc/self/clear_refs").write_text("5")
         base = status("VmRSS")
         if what == "attribution":
-            circuits.sentence_attribution(model, tr, mode="linear")
+            circuits.sentence_attribution(model, tr, mode="linear", budget="1TB")  # measured
             est = attribution_peak(model.config, len(tr))
         else:
-            circuits.suppression(model, tr, matrix=False, batch_size=2, sentences=[0, 1])
+            circuits.suppression(model, tr, matrix=False, batch_size=2, sentences=[0, 1],
+                                 budget="1TB")
             est = suppression_peak(model, tr, 2, False)
         out.append({"what": what, "tokens": len(tr), "measured": status("VmHWM") - base,
                     "estimate": est})
