@@ -19,8 +19,9 @@
 4. **Sentence attribution** (``circuits.sentence_attribution``) on part 1's SmolLM2
    trace (``--attr-tokens`` long), against ``forward (plain)`` and exact ``suppression``
    (answer effects only, and with its matrix and chain), interleaved rounds:
-   ``mode="linear"`` (one forward + one backward), ``"mixed"`` (the default: plus the
-   cached pass with the answer's blocks) and ``chain=True`` (plus the local blocks).
+   ``mode="linear"`` (one forward + one backward; blockwise attention, the default, and
+   ``attention="eager"``), ``"mixed"`` (the default: plus the cached pass with the
+   answer's blocks) and ``chain=True`` (plus the local blocks).
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def _attribution(args) -> dict:
 
     fns = {"forward (plain)": fwd_plain,
            "attribution linear": lambda: sentence_attribution(model, trace, mode="linear"),
+           "attribution linear (eager)": lambda: sentence_attribution(
+               model, trace, mode="linear", attention="eager"),
            "attribution mixed": lambda: sentence_attribution(model, trace),
            "attribution mixed + chain": lambda: sentence_attribution(model, trace, chain=True),
            "suppression (answer only)": lambda: suppression(model, trace, matrix=False),

@@ -195,7 +195,7 @@ def suppression(model, trace: Trace, *, sentences: Sequence[int] | None = None,
     ``sentences``: indices to suppress (default all); ``batch_size``: suppressed copies
     per forward pass; ``matrix=False`` skips the sentence×sentence matrix (the answer
     effects need only the answer rows' logits). ``budget``: memory allowed (bytes,
-    ``"8GB"``; default 60 % of free memory); a trace whose pass would need more is
+    ``"8GB"``; default 60 % of available memory); a trace whose pass would need more is
     refused before any pass, with the settings that need less.
 
     Example::

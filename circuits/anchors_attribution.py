@@ -59,7 +59,13 @@ of those answer effects at once, by attribution patching (Nanda 2023; Kramár et
    leaves out what hiding ``j`` changes in earlier rows' residual streams, which the
    full pass includes.
 
-Cost: one forward and one backward pass (eager attention), plus for ``"mixed"`` one pass of
+Memory: the backward pass runs through :mod:`thinklens.hooks.weighted_attention` (the
+same path, blockwise, no ``[T, T]`` tensor kept; ``attention="blockwise"``, the default
+where the architecture allows it) or through the bridge's eager attention with
+:func:`interp_hooks` on ``hook_pattern`` (``attention="eager"``, which keeps every layer's
+``heads × T²`` scores and probabilities: for SmolLM2-135M about 24 GB at 2k tokens).
+
+Cost: one forward and one backward pass, plus for ``"mixed"`` one pass of
 the prefix and one of ``(S + 1) ×`` the tokens after the thinking; ``chain=True`` adds
 blocks of ``Σ_i i × len(sentence i)`` tokens to that cached pass (against ``S`` full passes
 for ``suppression``'s chain).
@@ -95,14 +101,17 @@ from thinklens.circuits.anchors_attention import (
     widest_path,
 )
 from thinklens.errors import ConfigError
+from thinklens.hooks import attention_impl
 from thinklens.hooks import budget as budget_mod
 from thinklens.hooks import forward as fwd
 from thinklens.hooks.blockwise import sentence_index
 from thinklens.hooks.budget import attribution_peak
 from thinklens.hooks.generate import engine_for
 from thinklens.hooks.trace import Trace
+from thinklens.hooks.weighted_attention import weighted_attention
 
 MODES = ("mixed", "linear")
+ATTENTION = ("blockwise", "eager")
 
 
 @dataclass
@@ -157,6 +166,33 @@ def interp_hooks(model, u: Tensor, sent: Tensor, below: int | None = None) -> li
             factor = torch.where(rows, factor, torch.ones_like(factor))
         return p * factor.to(p.dtype)
     return [(f"blocks.{layer}.attn.hook_pattern", fn) for layer in range(model.config.n_layers)]
+
+
+def weighted_observer(u: Tensor, sent: Tensor, below: int | None = None):
+    """An :func:`~thinklens.hooks.attention_impl.observe` callback (``output=True``) computing
+    every layer's attention on :func:`interp_hooks`' path by
+    :func:`~thinklens.hooks.weighted_attention.weighted_attention` (no ``[T, T]`` kept)."""
+    def fn(layer, q, k, mask, scale, v):
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:  # grouped-query K/V: one copy per query head, as repeat_kv orders them
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        return weighted_attention(q, k, v, u, sent[: k.shape[-2]], scale=scale, mask=mask,
+                                  below=below)
+    return fn
+
+
+def attention_for(model, attention: str | None) -> str:
+    """``"blockwise"`` where every attention component takes an observer and no hooks are
+    attached to the model (its hooks on patterns would not fire), else ``"eager"``."""
+    if attention is not None and attention not in ATTENTION:
+        raise ConfigError(f"attention={attention!r}; valid: {', '.join(ATTENTION)} or None "
+                          "(blockwise where the architecture allows it)")
+    can = attention_impl.observable(model) and model.n_hooks() == 0
+    if attention == "blockwise" and not can:
+        raise ConfigError("attention='blockwise' needs the standard attention path (Llama, "
+                          "Qwen2/3, Mistral shapes) and no hooks attached to the model; use "
+                          "attention='eager'")
+    return attention or ("blockwise" if can else "eager")
 
 
 def _local(model, ids: list[int], blocks: list[TreeBlock]) -> list[Tensor]:
@@ -223,6 +259,7 @@ def _exact_parts(model, trace: Trace, e: int, metric: str, chain: bool
 
 def sentence_attribution(model, trace: Trace, *, metric: str = "logodds",
                          mode: str = "mixed", chain: bool = False,
+                         attention: str | None = None,
                          budget: int | float | str | None = None) -> SentenceAttribution:
     """Estimate every sentence's suppression effect on the answer (module docstring).
 
@@ -230,10 +267,13 @@ def sentence_attribution(model, trace: Trace, *, metric: str = "logodds",
     ``"logprob"``. ``mode``: ``"mixed"`` (default; exact through the answer's own queries,
     first order through the thinking's) or ``"linear"`` (first order everywhere: one
     forward, one backward). ``chain=True`` adds step 5's local drops and chain estimate.
-    ``budget``: memory allowed (bytes, ``"8GB"``; default 60 % of free memory): the
-    backward pass keeps every layer's ``heads × T²`` attention, so a long trace is refused
-    before any pass, naming exact :func:`~thinklens.circuits.suppression` (no backward
-    pass) where that needs less.
+    ``attention``: ``"blockwise"`` (no ``[T, T]`` kept for the backward pass) or
+    ``"eager"`` (the bridge's patterns, hooked); None = blockwise where the architecture
+    allows it and no hooks are attached (the same numbers up to float rounding).
+    ``budget``: memory allowed (bytes, ``"8GB"``; default 60 % of available memory): a
+    trace whose forward + backward pass would not fit is refused before any pass, naming
+    the settings that need less (blockwise attention; exact
+    :func:`~thinklens.circuits.suppression`, no backward pass).
 
     Example::
 
@@ -246,20 +286,30 @@ def sentence_attribution(model, trace: Trace, *, metric: str = "logodds",
         raise ConfigError(f"mode={mode!r}; valid: {', '.join(MODES)}")
     if not isinstance(chain, bool):
         raise ConfigError(f"chain={chain!r}; give True or False")
+    impl = attention_for(model, attention)
     fwd.as_traces(model, [trace])
     n_sent, n_tok = len(trace.sentences), len(trace.token_ids)
+    ways = [("exact suppression(model, trace, matrix=False, batch_size=1) instead",
+             suppression_peak(model, trace, 1, False))]
+    if impl == "eager" and attention_impl.observable(model):
+        ways.append(("attention='blockwise' (with no hooks attached to the model)",
+                     attribution_peak(model.config, n_tok, "blockwise")))
     budget_mod.check_need(
-        f"sentence_attribution of a {n_tok}-token trace", attribution_peak(model.config, n_tok),
-        budget_mod.parse_budget(budget, model.device),
-        [("exact suppression(model, trace, matrix=False, batch_size=1) instead",
-          suppression_peak(model, trace, 1, False))])
+        f"sentence_attribution of a {n_tok}-token trace ({impl} attention)",
+        attribution_peak(model.config, n_tok, impl),
+        budget_mod.parse_budget(budget, model.device), ways)
     sent = sentence_index(sentence_bounds(trace), n_tok).to(model.device)
     ans_rows, ans_ids = answer_rows(trace)
     e = min(trace.sentences[-1].end, ans_rows[0])
     u = torch.zeros(n_sent, device=model.device, requires_grad=True)
     batch = fwd.pad(model, [list(trace.token_ids)], [0])
-    hooks = interp_hooks(model, u, sent, below=e if mode == "mixed" else None)
-    out = fwd.forward(model, batch, hooks, logits_at=[ans_rows], grad=True, attention="eager")
+    below = e if mode == "mixed" else None
+    if impl == "blockwise":
+        with attention_impl.observe(model, weighted_observer(u, sent, below), output=True):
+            out = fwd.forward(model, batch, logits_at=[ans_rows], grad=True, attention="sdpa")
+    else:
+        out = fwd.forward(model, batch, interp_hooks(model, u, sent, below=below),
+                          logits_at=[ans_rows], grad=True, attention="eager")
     score = answer_score(out[0], ans_ids, metric)
     (grad,) = torch.autograd.grad(score, u)
     think = grad.detach().float().cpu()
@@ -274,4 +324,5 @@ def sentence_attribution(model, trace: Trace, *, metric: str = "logodds",
                                ans_drop if chain else nan.clone(), path)
 
 
-__all__ = ["SentenceAttribution", "sentence_attribution", "interp_hooks", "MODES"]
+__all__ = ["SentenceAttribution", "sentence_attribution", "interp_hooks", "weighted_observer",
+           "attention_for", "MODES", "ATTENTION"]

@@ -37,6 +37,7 @@ from thinklens.errors import BudgetError, ConfigError
 from thinklens.hooks import attention_impl
 from thinklens.hooks.blockwise import block_rows
 from thinklens.hooks.sites import is_pattern_site
+from thinklens.hooks.weighted_attention import block_peak
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -44,7 +45,9 @@ ATTENTION = ("eager", "sdpa", "blockwise")
 
 
 def parse_budget(budget: int | float | str | None, device: torch.device) -> int:
-    """Bytes from ``8_000_000_000``, ``"8GB"`` or ``"512MiB"``; None = 60% of free memory."""
+    """Bytes from ``8_000_000_000``, ``"8GB"`` or ``"512MiB"``; None = 60% of available memory
+    (GPU: free device memory; Linux: ``MemAvailable``, which counts the page cache the
+    kernel can drop)."""
     if budget is None:
         return int(0.6 * _free_memory(device))
     if isinstance(budget, int | float) and budget > 0:
@@ -59,6 +62,12 @@ def parse_budget(budget: int | float | str | None, device: torch.device) -> int:
 def _free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    try:  # MemAvailable: free pages plus the page cache and slabs the kernel can reclaim
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):  # pragma: no cover - non-POSIX
@@ -166,13 +175,24 @@ def check_need(what: str, need: int, budget: int,
         + "or raise the budget with budget='32GB' if the memory is really there.")
 
 
-def attribution_peak(cfg, length: int) -> int:
-    """Peak bytes of one eager forward + backward pass of one sequence of ``length`` through
-    sentence attribution's pattern-path hooks (float32 in the hooks). Measured on CPU
-    (tests/test_budget.py): per layer about 4.9 copies of the ``heads × T²`` scores and
-    2.5 of the MLP's three ``d_mlp`` activations are kept for the backward pass."""
-    per_layer = 4.9 * cfg.n_heads * length ** 2 + 7.5 * max(cfg.d_mlp, cfg.d_model) * length
-    return int(cfg.n_layers * per_layer * 4)
+def attribution_peak(cfg, length: int, attention: str = "eager") -> int:
+    """Peak bytes of one forward + backward pass of one sequence of ``length`` through
+    sentence attribution's pattern path (float32 inside), measured on CPU
+    (tests/test_budget.py, two shapes, 1.5k-6k tokens).
+
+    ``"eager"``: per layer about 4.9 copies of the ``heads × T²`` scores and 2.5 of the
+    MLP's three ``d_mlp`` activations are kept for the backward pass. ``"blockwise"``
+    (:mod:`~thinklens.hooks.weighted_attention`): per layer and token about
+    ``5.1 · d_mlp + 16 · d_model`` floats are kept; the backward pass's blocks come on
+    top where they exceed what one layer keeps (freed before its attention's backward).
+    """
+    if attention not in ("eager", "blockwise"):
+        raise ConfigError(f"attention={attention!r}; valid: eager, blockwise")
+    if attention == "eager":
+        per_layer = 7.5 * max(cfg.d_mlp, cfg.d_model) * length + 4.9 * cfg.n_heads * length ** 2
+        return int(cfg.n_layers * per_layer * 4)
+    layer = 4 * length * (5.1 * max(cfg.d_mlp, cfg.d_model) + 16 * cfg.d_model)
+    return int(cfg.n_layers * layer + max(0.0, block_peak(1, cfg.n_heads, length) - layer))
 
 
 def estimate(model, traces, sites, shapes, pos, sentence, heads, out_dtype, batch_size,

@@ -174,19 +174,24 @@ def test_refusal_lists_only_alternatives_that_lower_the_estimate(qwen2, monkeypa
 
 ANCHORS_CHILD = HEADER + r'''
 warm = Trace.from_text(model, "a = 7 ; ? b", "a = 7 . b = a + 2 . </think> 9 <eos>")
+circuits.sentence_attribution(model, warm, mode="linear", attention="eager")
 circuits.sentence_attribution(model, warm, mode="linear")
 circuits.suppression(model, warm, matrix=False)
 out = []
-for repeat in json.loads(sys.argv[2]):
+plan = json.loads(sys.argv[2])  # what -> the repeats it is measured at
+for repeat in sorted({r for rs in plan.values() for r in rs}):
     tr = Trace.from_text(model, "a = 7 ; ? b", "a = 7 . b = a + 2 . " * repeat + "</think> 9 <eos>")
-    for what in ("attribution", "suppression"):
+    for what in [w for w in ("attribution", "suppression", "attribution_blockwise")
+                 if repeat in plan[w]]:
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
         base = status("VmRSS")
-        if what == "attribution":
-            circuits.sentence_attribution(model, tr, mode="linear", budget="1TB")  # measured
-            est = attribution_peak(model.config, len(tr))
+        if what.startswith("attribution"):
+            impl = "blockwise" if what.endswith("blockwise") else "eager"
+            circuits.sentence_attribution(model, tr, mode="linear", attention=impl,
+                                          budget="1TB")  # measured
+            est = attribution_peak(model.config, len(tr), impl)
         else:
             circuits.suppression(model, tr, matrix=False, batch_size=2, sentences=[0, 1],
                                  budget="1TB")
@@ -213,11 +218,16 @@ def deep_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_anchor_estimates_within_30_percent_of_the_measured_peak(wide_dir, deep_dir):
-    """sentence_attribution's forward + backward and suppression's batch, two shapes and two
-    lengths each (~1.5k and ~2.5k tokens; two suppressed sentences: one batch)."""
+    """sentence_attribution's forward + backward (eager and blockwise attention) and
+    suppression's batch, two shapes and two lengths each (~1.5k and ~2.5k tokens; two
+    suppressed sentences: one batch). Blockwise at ~2.5k and ~6k: what it keeps is
+    ``[T, d_mlp]``-sized, under glibc's 32 MB mmap threshold at 1.5k on the wide shape,
+    where the heap's reuse after the eager runs added up to 1.45x (not modelled)."""
     seen, bad = {}, {}
+    plan = {"attribution": [150, 250], "suppression": [150, 250],
+            "attribution_blockwise": [250, 600]}
     for folder in (wide_dir, deep_dir):
-        proc = subprocess.run([sys.executable, "-c", ANCHORS_CHILD, str(folder), "[150, 250]"],
+        proc = subprocess.run([sys.executable, "-c", ANCHORS_CHILD, str(folder), json.dumps(plan)],
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         for r in json.loads(proc.stdout.strip().splitlines()[-1]):
@@ -227,7 +237,7 @@ def test_anchor_estimates_within_30_percent_of_the_measured_peak(wide_dir, deep_
             if not 0.7 <= seen[key] <= 1.3:
                 bad[key] = seen[key]
     assert not bad, f"estimate / measured outside [0.7, 1.3]: {bad} (all: {seen})"
-    assert len(seen) == 8
+    assert len(seen) == 12
 
 
 def test_long_traces_are_refused_before_any_pass(organism):
@@ -239,10 +249,28 @@ def test_long_traces_are_refused_before_any_pass(organism):
     with pytest.raises(BudgetError, match=r"suppression of a 55-token trace needs about .* "
                        r"Alternatives: batch_size=1 \(about .*\); matrix=False"):
         circuits.suppression(organism, trace, budget=1000)
-    with pytest.raises(BudgetError, match=r"sentence_attribution of a 55-token trace needs "
-                       r"about .*Alternatives: exact suppression\(model, trace, "
-                       r"matrix=False, batch_size=1\) instead"):
+    with pytest.raises(BudgetError, match=r"sentence_attribution of a 55-token trace "
+                       r"\(blockwise attention\) needs about .*Alternatives: exact "
+                       r"suppression\(model, trace, matrix=False, batch_size=1\) instead"):
         circuits.sentence_attribution(organism, trace, budget=1000)
+    # eager attention: blockwise is offered, with its estimate, and fits where it says
+    from thinklens.hooks.budget import attribution_peak
+
+    long = Trace.from_text(organism, "c = b + 4 ; a = 7 ; b = a - 2 ; ? c",
+                           "a = 7 . b = 7 - 2 = 5 . " * 40 + "</think> 5 <eos>")
+    block = attribution_peak(organism.config, len(long), "blockwise")
+    eager = attribution_peak(organism.config, len(long), "eager")
+    assert block < eager
+    with pytest.raises(BudgetError, match=r"\(eager attention\).*attention='blockwise' "
+                       r"\(with no hooks attached to the model\) \(about .*, fits\)"):
+        circuits.sentence_attribution(organism, long, attention="eager", budget=block)
+    assert circuits.sentence_attribution(organism, long, budget=block).estimate.isfinite().all()
+    # at 55 tokens blockwise would not lower the eager estimate: not offered
+    assert attribution_peak(organism.config, len(trace), "blockwise") >= \
+        attribution_peak(organism.config, len(trace), "eager")
+    with pytest.raises(BudgetError) as err:
+        circuits.sentence_attribution(organism, trace, attention="eager", budget=1000)
+    assert "attention='blockwise'" not in str(err.value)
     with pytest.raises(BudgetError, match="No other setting lowers it"):
         circuits.suppression(organism, trace, batch_size=1, matrix=False, budget=1000)
     assert circuits.suppression(organism, trace, budget="1GB").answer_kl.isfinite().all()

@@ -25,7 +25,7 @@ Every section and key, with its default (``REQUIRED`` keys have none)::
     dtype = "float32"                   # float32 | float16 | bfloat16
     batch_size = 8
     chunk = 32                          # prompts per resumable round
-    budget = "8GB"                      # default: 60% of free memory
+    budget = "8GB"                      # default: 60% of available memory
 
     [[probe]]                           # one table per probe (at least one)
     name = "value"                      # REQUIRED: names its results and figures
