@@ -83,6 +83,7 @@ Example::
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -259,7 +260,7 @@ def _exact_parts(model, trace: Trace, e: int, metric: str, chain: bool
 
 def sentence_attribution(model, trace: Trace, *, metric: str = "logodds",
                          mode: str = "mixed", chain: bool = False,
-                         attention: str | None = None,
+                         attention: str | None = None, checkpoint: bool | None = None,
                          budget: int | float | str | None = None) -> SentenceAttribution:
     """Estimate every sentence's suppression effect on the answer (module docstring).
 
@@ -270,6 +271,10 @@ def sentence_attribution(model, trace: Trace, *, metric: str = "logodds",
     ``attention``: ``"blockwise"`` (no ``[T, T]`` kept for the backward pass) or
     ``"eager"`` (the bridge's patterns, hooked); None = blockwise where the architecture
     allows it and no hooks are attached (the same numbers up to float rounding).
+    ``checkpoint``: recompute each block in the backward pass instead of keeping its
+    activations (:func:`~thinklens.hooks.forward.recompute_blocks`: about one more
+    forward pass of time, memory of one block instead of all); None = only when the
+    trace would not fit the budget otherwise.
     ``budget``: memory allowed (bytes, ``"8GB"``; default 60 % of available memory): a
     trace whose forward + backward pass would not fit is refused before any pass, naming
     the settings that need less (blockwise attention; exact
@@ -289,30 +294,47 @@ def sentence_attribution(model, trace: Trace, *, metric: str = "logodds",
     impl = attention_for(model, attention)
     fwd.as_traces(model, [trace])
     n_sent, n_tok = len(trace.sentences), len(trace.token_ids)
+    if checkpoint is not None and not isinstance(checkpoint, bool):
+        raise ConfigError(f"checkpoint={checkpoint!r}; give True, False or None (only when "
+                          "needed)")
+    limit = budget_mod.parse_budget(budget, model.device)
+
+    def need(attention: str, recompute: bool) -> int:
+        return attribution_peak(model.config, n_tok, attention, checkpoint=recompute)
+    if checkpoint is None:
+        checkpoint = need(impl, False) > limit
     ways = [("exact suppression(model, trace, matrix=False, batch_size=1) instead",
              suppression_peak(model, trace, 1, False))]
     if impl == "eager" and attention_impl.observable(model):
         ways.append(("attention='blockwise' (with no hooks attached to the model)",
-                     attribution_peak(model.config, n_tok, "blockwise")))
+                     need("blockwise", checkpoint)))
+    if not checkpoint:
+        ways.append(("checkpoint=True (each block recomputed in the backward pass)",
+                     need(impl, True)))
     budget_mod.check_need(
-        f"sentence_attribution of a {n_tok}-token trace ({impl} attention)",
-        attribution_peak(model.config, n_tok, impl),
-        budget_mod.parse_budget(budget, model.device), ways)
+        f"sentence_attribution of a {n_tok}-token trace ({impl} attention"
+        f"{', blocks recomputed' if checkpoint else ''})", need(impl, checkpoint), limit, ways)
     sent = sentence_index(sentence_bounds(trace), n_tok).to(model.device)
     ans_rows, ans_ids = answer_rows(trace)
     e = min(trace.sentences[-1].end, ans_rows[0])
     u = torch.zeros(n_sent, device=model.device, requires_grad=True)
     batch = fwd.pad(model, [list(trace.token_ids)], [0])
     below = e if mode == "mixed" else None
-    if impl == "blockwise":
-        with attention_impl.observe(model, weighted_observer(u, sent, below), output=True):
-            out = fwd.forward(model, batch, logits_at=[ans_rows], grad=True, attention="sdpa")
-    else:
-        out = fwd.forward(model, batch, interp_hooks(model, u, sent, below=below),
-                          logits_at=[ans_rows], grad=True, attention="eager")
-    score = answer_score(out[0], ans_ids, metric)
-    (grad,) = torch.autograd.grad(score, u)
-    think = grad.detach().float().cpu()
+    got: dict[str, Tensor] = {}
+
+    def backward(out) -> None:  # inside the pass: recomputed blocks need its hooks
+        got["score"] = answer_score(out[0], ans_ids, metric)
+        (got["grad"],) = torch.autograd.grad(got["score"], u)
+    with fwd.recompute_blocks(model) if checkpoint else nullcontext():
+        if impl == "blockwise":
+            with attention_impl.observe(model, weighted_observer(u, sent, below), output=True):
+                fwd.forward(model, batch, logits_at=[ans_rows], grad=True, attention="sdpa",
+                            within=backward)
+        else:
+            fwd.forward(model, batch, interp_hooks(model, u, sent, below=below),
+                        logits_at=[ans_rows], grad=True, attention="eager", within=backward)
+    score = got["score"]
+    think = got["grad"].detach().float().cpu()
     nan = torch.full((n_sent,), float("nan"))
     ans, drop, ans_drop = torch.zeros(n_sent), torch.full((n_sent, n_sent), float("nan")), nan
     if mode == "mixed" or chain:

@@ -42,6 +42,7 @@ from thinklens.hooks.weighted_attention import block_peak
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
 ATTENTION = ("eager", "sdpa", "blockwise")
+CHECKPOINT_PER_TOKEN = 2.0  # d_model floats per token a recomputed block keeps (measured)
 
 
 def parse_budget(budget: int | float | str | None, device: torch.device) -> int:
@@ -175,24 +176,35 @@ def check_need(what: str, need: int, budget: int,
         + "or raise the budget with budget='32GB' if the memory is really there.")
 
 
-def attribution_peak(cfg, length: int, attention: str = "eager") -> int:
+def attribution_peak(cfg, length: int, attention: str = "eager", *,
+                     checkpoint: bool = False) -> int:
     """Peak bytes of one forward + backward pass of one sequence of ``length`` through
     sentence attribution's pattern path (float32 inside), measured on CPU
     (tests/test_budget.py, two shapes, 1.5k-6k tokens).
 
-    ``"eager"``: per layer about 4.9 copies of the ``heads × T²`` scores and 2.5 of the
-    MLP's three ``d_mlp`` activations are kept for the backward pass. ``"blockwise"``
-    (:mod:`~thinklens.hooks.weighted_attention`): per layer and token about
-    ``5.1 · d_mlp + 16 · d_model`` floats are kept; the backward pass's blocks come on
-    top where they exceed what one layer keeps (freed before its attention's backward).
+    Kept per layer for the backward pass: about 2.5 copies of the MLP's three ``d_mlp``
+    activations and, with ``attention="eager"``, 4.9 copies of the ``heads × T²`` scores;
+    ``"blockwise"`` (:mod:`~thinklens.hooks.weighted_attention`) keeps about
+    ``5.1 · d_mlp + 16 · d_model`` floats per token and its backward pass's blocks come
+    on top where they exceed what one layer keeps. ``checkpoint=True``
+    (:func:`~thinklens.hooks.forward.recompute_blocks`): every layer keeps its input
+    (``CHECKPOINT_PER_TOKEN · d_model`` floats per token), and two layers' worth (one for
+    a two-layer model) plus the blocks is alive at once (SmolLM2-135M at 1k and 2k
+    tokens: 1.01 of the measured peak).
     """
     if attention not in ("eager", "blockwise"):
         raise ConfigError(f"attention={attention!r}; valid: eager, blockwise")
+    blocks = 0.0 if attention == "eager" else float(block_peak(1, cfg.n_heads, length))
     if attention == "eager":
-        per_layer = 7.5 * max(cfg.d_mlp, cfg.d_model) * length + 4.9 * cfg.n_heads * length ** 2
-        return int(cfg.n_layers * per_layer * 4)
-    layer = 4 * length * (5.1 * max(cfg.d_mlp, cfg.d_model) + 16 * cfg.d_model)
-    return int(cfg.n_layers * layer + max(0.0, block_peak(1, cfg.n_heads, length) - layer))
+        layer = 4 * (7.5 * max(cfg.d_mlp, cfg.d_model) * length
+                     + 4.9 * cfg.n_heads * length ** 2)
+    else:
+        layer = 4 * length * (5.1 * max(cfg.d_mlp, cfg.d_model) + 16 * cfg.d_model)
+    if not checkpoint:
+        return int(cfg.n_layers * layer + max(0.0, blocks - layer))
+    inputs = 4 * CHECKPOINT_PER_TOKEN * cfg.d_model * length
+    alive = max(1, min(2, cfg.n_layers - 1))
+    return int(cfg.n_layers * inputs + alive * layer + blocks)
 
 
 def estimate(model, traces, sites, shapes, pos, sentence, heads, out_dtype, batch_size,

@@ -22,7 +22,11 @@
    hooks no pattern or score site runs SDPA (no ``[heads, T, T]`` per layer), with the
    same site names and values as eager; hooking ``attn.hook_pattern`` or
    ``attn.hook_attn_scores`` runs the bridge's eager attention. ``attention=`` forces one.
-6. **Logits at chosen positions only** (``logits_at=``): the last block's output
+6. **Recomputed blocks** (:func:`recompute_blocks`, a context manager for ``grad=True``
+   passes): every block but the last runs under non-reentrant
+   ``torch.utils.checkpoint``, so a backward pass keeps only each block's inputs and
+   recomputes one block at a time (hooks inside fire again during the recomputation).
+7. **Logits at chosen positions only** (``logits_at=``): the last block's output
    (``blocks.{L-1}.hook_resid_post``, after any user hook there) is read at the chosen
    rows, put through the model's own final norm and unembedding there (``[n, d_vocab]``
    per row instead of ``[pos, d_vocab]``), and the pass stops. (Not
@@ -44,6 +48,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +162,7 @@ def _batches(model, inputs: Sequence[Trace] | Sequence[Sequence[int]], *,
 def forward(model, batch: Batch, hooks: Sequence[Hook] = (), *, stop_early: bool = False,
             logits_at: str | Sequence[Sequence[int]] | None = None,
             grad: bool = False, attention: str | None = None,
+            within: Callable[[Any], Any] | None = None,
             ) -> list[Float[Tensor, "n d_vocab"]] | Tensor | None:
     """Run one batch with ``hooks`` (scoped to this pass).
 
@@ -165,7 +171,9 @@ def forward(model, batch: Batch, hooks: Sequence[Hook] = (), *, stop_early: bool
     Returns the full logits ``[batch, pos, d_vocab]`` when neither ``stop_early`` nor
     ``logits_at`` is given; with ``logits_at`` ("last", or per row a list of positions)
     a list, per row, of ``[n, d_vocab]`` logits at those positions (on the model's
-    device); None when the pass stopped early.
+    device); None when the pass stopped early. ``within``: called with that result while
+    the pass's hooks and attention implementation are still in place (a backward pass
+    through :func:`recompute_blocks` reruns the blocks and needs them).
     """
     hooks = list(hooks)
     impl = attention_impl.choose(model, [n for n, _ in hooks], attention)
@@ -191,13 +199,38 @@ def forward(model, batch: Batch, hooks: Sequence[Hook] = (), *, stop_early: bool
             raise _Stop
 
         wrapped.append((f"blocks.{model.config.n_layers - 1}.hook_resid_post", read_logits))
-    try:
-        with torch.set_grad_enabled(grad), attention_impl.use(model, impl), \
-                model.hooks(wrapped):
-            out = model.bridge(batch.ids, attention_mask=batch.mask)
-    except _Stop:
-        return logits if logits_at is not None else None
+    with torch.set_grad_enabled(grad), attention_impl.use(model, impl), model.hooks(wrapped):
+        try:
+            out = model.bridge(batch.ids, attention_mask=batch.mask, use_cache=False)
+        except _Stop:
+            out = logits if logits_at is not None else None
+        if within is not None:
+            within(out)
     return out
+
+
+@contextmanager
+def recompute_blocks(model, *, keep_last: int = 1) -> Iterator[None]:
+    """Run the blocks but the last ``keep_last`` under activation checkpointing (step 6).
+
+    The last block stays as it is: :func:`forward`'s ``logits_at`` reads it in a hook that
+    ends the pass. Restored in ``finally``. The same numbers as without, one more forward
+    of the recomputed blocks in the backward pass, which must run while the pass's hooks
+    and attention implementation are in place (:func:`forward`'s ``within``).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(model.bridge.blocks)
+    chosen = blocks[: max(0, len(blocks) - keep_last)]
+    for b in chosen:
+        def forward(*args: Any, _run: Callable = type(b).forward.__get__(b), **kwargs: Any):
+            return checkpoint(_run, *args, use_reentrant=False, **kwargs)
+        object.__setattr__(b, "forward", forward)
+    try:
+        yield
+    finally:
+        for b in chosen:
+            b.__dict__.pop("forward", None)
 
 
 def _logit_rows(batch: Batch, logits_at: str | Sequence[Sequence[int]]) -> list[Tensor]:
@@ -284,4 +317,4 @@ def read(model, inputs: Sequence[Trace] | Sequence[Sequence[int]], sites: Sequen
     run(model, inputs, hooks, batch_size=batch_size, budget=budget, stop_early=True)
 
 
-__all__ = ["Batch", "as_traces", "plan", "pad", "forward", "run", "read"]
+__all__ = ["recompute_blocks", "Batch", "as_traces", "plan", "pad", "forward", "run", "read"]

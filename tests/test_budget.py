@@ -181,17 +181,18 @@ out = []
 plan = json.loads(sys.argv[2])  # what -> the repeats it is measured at
 for repeat in sorted({r for rs in plan.values() for r in rs}):
     tr = Trace.from_text(model, "a = 7 ; ? b", "a = 7 . b = a + 2 . " * repeat + "</think> 9 <eos>")
-    for what in [w for w in ("attribution", "suppression", "attribution_blockwise")
-                 if repeat in plan[w]]:
+    for what in [w for w in ("attribution", "suppression", "attribution_blockwise",
+                             "attribution_checkpoint") if repeat in plan[w]]:
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
         base = status("VmRSS")
         if what.startswith("attribution"):
-            impl = "blockwise" if what.endswith("blockwise") else "eager"
+            impl = "eager" if what == "attribution" else "blockwise"
+            ck = what == "attribution_checkpoint"
             circuits.sentence_attribution(model, tr, mode="linear", attention=impl,
-                                          budget="1TB")  # measured
-            est = attribution_peak(model.config, len(tr), impl)
+                                          checkpoint=ck, budget="1TB")  # measured
+            est = attribution_peak(model.config, len(tr), impl, checkpoint=ck)
         else:
             circuits.suppression(model, tr, matrix=False, batch_size=2, sentences=[0, 1],
                                  budget="1TB")
@@ -222,11 +223,15 @@ def test_anchor_estimates_within_30_percent_of_the_measured_peak(wide_dir, deep_
     suppression's batch, two shapes and two lengths each (~1.5k and ~2.5k tokens; two
     suppressed sentences: one batch). Blockwise at ~2.5k and ~6k: what it keeps is
     ``[T, d_mlp]``-sized, under glibc's 32 MB mmap threshold at 1.5k on the wide shape,
-    where the heap's reuse after the eager runs added up to 1.45x (not modelled)."""
+    where the heap's reuse after the eager runs added up to 1.45x (not modelled). With
+    ``checkpoint=True`` (blocks recomputed) at ~6k."""
     seen, bad = {}, {}
-    plan = {"attribution": [150, 250], "suppression": [150, 250],
-            "attribution_blockwise": [250, 600]}
-    for folder in (wide_dir, deep_dir):
+    plans = [{"attribution": [150, 250], "suppression": [150, 250]},
+             {"attribution_blockwise": [250, 600]}, {"attribution_checkpoint": [600]}]
+    names = ("attribution", "suppression", "attribution_blockwise", "attribution_checkpoint")
+    runs = [(folder, {w: p.get(w, []) for w in names}) for folder in (wide_dir, deep_dir)
+            for p in plans]  # each in a fresh process: the heap's state after one run
+    for folder, plan in runs:  # moved the next one's peak by up to 1.5x on the deep shape
         proc = subprocess.run([sys.executable, "-c", ANCHORS_CHILD, str(folder), json.dumps(plan)],
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -237,11 +242,12 @@ def test_anchor_estimates_within_30_percent_of_the_measured_peak(wide_dir, deep_
             if not 0.7 <= seen[key] <= 1.3:
                 bad[key] = seen[key]
     assert not bad, f"estimate / measured outside [0.7, 1.3]: {bad} (all: {seen})"
-    assert len(seen) == 12
+    assert len(seen) == 14
 
 
-def test_long_traces_are_refused_before_any_pass(organism):
+def test_long_traces_are_refused_before_any_pass(organism, monkeypatch):
     from thinklens import Trace, circuits
+    from thinklens.hooks import forward as fwd_mod
 
     trace = Trace.from_text(organism, "c = b + 4 ; a = 7 ; b = a - 2 ; ? c",
                             "c = b + 4 . b = a - 2 . a = 7 . b = 7 - 2 = 5 . c = 5 + 4 = 9 . "
@@ -250,21 +256,43 @@ def test_long_traces_are_refused_before_any_pass(organism):
                        r"Alternatives: batch_size=1 \(about .*\); matrix=False"):
         circuits.suppression(organism, trace, budget=1000)
     with pytest.raises(BudgetError, match=r"sentence_attribution of a 55-token trace "
-                       r"\(blockwise attention\) needs about .*Alternatives: exact "
-                       r"suppression\(model, trace, matrix=False, batch_size=1\) instead"):
+                       r"\(blockwise attention, blocks recomputed\) needs about .*"
+                       r"Alternatives: exact suppression\(model, trace, matrix=False, "
+                       r"batch_size=1\) instead"):
         circuits.sentence_attribution(organism, trace, budget=1000)
     # eager attention: blockwise is offered, with its estimate, and fits where it says
     from thinklens.hooks.budget import attribution_peak
 
     long = Trace.from_text(organism, "c = b + 4 ; a = 7 ; b = a - 2 ; ? c",
                            "a = 7 . b = 7 - 2 = 5 . " * 40 + "</think> 5 <eos>")
-    block = attribution_peak(organism.config, len(long), "blockwise")
-    eager = attribution_peak(organism.config, len(long), "eager")
-    assert block < eager
+
+    def need(attention, checkpoint=False):
+        return attribution_peak(organism.config, len(long), attention, checkpoint=checkpoint)
+    block = need("blockwise")
+    assert need("blockwise", True) < block < need("eager")
     with pytest.raises(BudgetError, match=r"\(eager attention\).*attention='blockwise' "
-                       r"\(with no hooks attached to the model\) \(about .*, fits\)"):
-        circuits.sentence_attribution(organism, long, attention="eager", budget=block)
+                       r"\(with no hooks attached to the model\) \(about .*, fits\).*"
+                       r"checkpoint=True \(each block recomputed in the backward pass\)"):
+        circuits.sentence_attribution(organism, long, attention="eager", checkpoint=False,
+                                      budget=block)
     assert circuits.sentence_attribution(organism, long, budget=block).estimate.isfinite().all()
+    # checkpoint=None recomputes the blocks only when the trace would not fit otherwise
+    seen = []
+    real = fwd_mod.recompute_blocks
+
+    def spy(model, **kw):
+        seen.append(len(long))
+        return real(model, **kw)
+    monkeypatch.setattr(fwd_mod, "recompute_blocks", spy)
+    circuits.sentence_attribution(organism, long, mode="linear", budget=block)
+    assert seen == []
+    small = circuits.sentence_attribution(organism, long, mode="linear", budget=block - 1)
+    assert seen == [len(long)]
+    with pytest.raises(BudgetError, match=r"blocks recomputed\) needs"):
+        circuits.sentence_attribution(organism, long, budget=need("blockwise", True) - 1)
+    plain = circuits.sentence_attribution(organism, long, mode="linear", checkpoint=False,
+                                          budget="1GB")
+    torch.testing.assert_close(small.estimate, plain.estimate, atol=1e-5, rtol=0)
     # at 55 tokens blockwise would not lower the eager estimate: not offered
     assert attribution_peak(organism.config, len(trace), "blockwise") >= \
         attribution_peak(organism.config, len(trace), "eager")

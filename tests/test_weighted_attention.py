@@ -7,7 +7,8 @@ in float32 even for float64 patterns; float32 inputs 1e-5);
 (2) ``torch.autograd.gradcheck`` (float64 central differences) at ``u = 0``, where
 attribution takes its gradient, and of ``u`` anywhere (the path is linear in ``u``);
 (3) ``sentence_attribution`` through the bridge's eager patterns, on three architectures
-(GQA Qwen2, QK-norm Qwen3, the organism's Llama): both modes, 1e-4 on log-odds.
+(GQA Qwen2, QK-norm Qwen3, the organism's Llama): both modes, 1e-4 on log-odds; with
+the blocks recomputed in the backward pass (``checkpoint=True``), 1e-5.
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ def test_attribution_blockwise_equals_eager(arch):
                                    rtol=1e-3)
         torch.testing.assert_close(block.estimate, eager.estimate, atol=1e-4, rtol=1e-3)
         assert block.thinking_part.abs().max() > 1e-3   # not a vacuous comparison
+        for attention, ref in (("blockwise", block), ("eager", eager)):  # blocks recomputed
+            again = circuits.sentence_attribution(arch, trace, mode=mode, attention=attention,
+                                                  checkpoint=True)
+            torch.testing.assert_close(again.estimate, ref.estimate, atol=1e-5, rtol=0)
 
 
 def test_hooks_on_the_model_select_eager(organism):
