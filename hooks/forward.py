@@ -222,10 +222,13 @@ def recompute_blocks(model, *, keep_last: int = 1) -> Iterator[None]:
 
     blocks = list(model.bridge.blocks)
     chosen = blocks[: max(0, len(blocks) - keep_last)]
+    def recomputed(run: Callable) -> Callable:
+        def forward(*args: Any, **kwargs: Any):
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return forward
+
     for b in chosen:
-        def forward(*args: Any, _run: Callable = type(b).forward.__get__(b), **kwargs: Any):
-            return checkpoint(_run, *args, use_reentrant=False, **kwargs)
-        object.__setattr__(b, "forward", forward)
+        object.__setattr__(b, "forward", recomputed(type(b).forward.__get__(b)))
     try:
         yield
     finally:
