@@ -17,7 +17,8 @@ pass instead of storing it:
    sentence holding key ``k``; keys outside every sentence have ``u = 0``), which moves the
    weight taken from ``j`` to the row's other keys in proportion to their weights; rows at
    or after ``below`` keep ``p``. The output is ``p' v``. Only ``q``, ``k``, ``v`` and ``u``
-   are kept for the backward pass.
+   are kept for the backward pass. At ``u = 0`` (where attribution takes its gradient)
+   ``f = 1``: the forward pass is plain attention and neither pass builds ``f``.
 2. **Backward, the same blocks recomputed**: with ``dO`` the output's gradient,
    ``dp' = dO vᵀ``; ``dv += p'ᵀ dO``; ``du_j += Σ_rows [P_j/(1 − P_j) · Σ_k g_k −
    1/(1 − P_j) · Σ_{k ∈ j} g_k]`` with ``g = dp' ⊙ p``; through the softmax,
@@ -60,10 +61,13 @@ def rows_for(batch: int, heads: int, keys: int, block_bytes: int | None = None) 
 
 
 def _block(q: Tensor, k: Tensor, u: Tensor, sent: Tensor, mask: Tensor | None,
-           scale: float, a: int, offset: int, below: int | None
-           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+           scale: float, a: int, offset: int, below: int | None, *, sums: bool = True,
+           moved: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None,
+                                        Tensor]:
     """Rows ``a .. a + len(q)`` (query positions ``offset + a ..``): the plain pattern ``p``,
-    ``P`` ``[b, h, rows, S]``, ``1/(1 − P)``, the factor ``f`` and the rows' weight mask."""
+    ``P`` ``[b, h, rows, S]``, ``1/(1 − P)``, the factor ``f`` and the rows' weight mask.
+    ``u = 0`` (attribution's point) has ``f = 1``: ``moved=False`` skips it (None), and
+    ``sums=False`` skips ``P`` and ``1/(1 − P)`` too (the forward pass needs neither)."""
     n, rows, keys = u.shape[0], q.shape[-2], k.shape[-2]
     ct = _compute_dtype(q)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)).mul_(scale)
@@ -77,15 +81,19 @@ def _block(q: Tensor, k: Tensor, u: Tensor, sent: Tensor, mask: Tensor | None,
         s.add_(mask[..., a:a + rows, :].to(ct)).clamp_(min=low)
     p = torch.softmax(s, -1)
     del s
+    live = (pos < below) if below is not None else torch.ones_like(pos, dtype=torch.bool)
+    if not (sums or moved):
+        return p, None, None, None, live
     big = torch.zeros((*p.shape[:-1], n + 1), dtype=ct, device=p.device).index_add_(
         -1, sent, p)[..., :n]
     inv = 1.0 / (1.0 - big).clamp(min=1e-6)
+    if not moved:
+        return p, big, inv, None, live
     uc = u.to(ct)
     spread = (uc * big * inv).sum(-1, keepdim=True)                        # [b, h, r, 1]
     u_key = torch.cat([uc, uc.new_zeros(1)])[sent]
     factor = torch.cat([inv, inv.new_zeros((*inv.shape[:-1], 1))], -1)[..., sent]
     factor.mul_(-u_key).add_(1.0 + spread)        # 1 + spread − u_{s(k)} / (1 − P_{s(k)})
-    live = (pos < below) if below is not None else torch.ones_like(pos, dtype=torch.bool)
     if not bool(live.all()):
         factor[..., ~live, :] = 1.0
     return p, big, inv, factor, live
@@ -104,10 +112,12 @@ class _WeightedAttention(torch.autograd.Function):
         ct = _compute_dtype(q)
         out = torch.empty(q.shape, dtype=ct, device=q.device)
         vf = v.to(ct)
+        moved = bool(u.detach().any())
         for a in range(0, q.shape[-2], rows):
             p, _, _, factor, _ = _block(q[..., a:a + rows, :], k, u, sent, mask, scale, a,
-                                        offset, below)
-            out[..., a:a + rows, :] = torch.matmul(p * factor, vf)
+                                        offset, below, sums=moved, moved=moved)
+            out[..., a:a + rows, :] = torch.matmul(p if factor is None else p * factor, vf)
+            del p, factor
         ctx.save_for_backward(q, k, v, u, sent, mask if mask is not None else torch.empty(0))
         ctx.args = (mask is not None, scale, below, rows)
         return out.to(v.dtype)
@@ -125,11 +135,14 @@ class _WeightedAttention(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=ct, device=k.device)
         dv = torch.zeros(v.shape, dtype=ct, device=v.device)
         du = torch.zeros(n, dtype=ct, device=u.device)
+        moved = bool(u.detach().any())
         for a in range(0, q.shape[-2], rows):
             qb = q[..., a:a + rows, :].to(ct)
-            p, big, inv, factor, live = _block(qb, kf, u, sent, mask, scale, a, offset, below)
+            p, big, inv, factor, live = _block(qb, kf, u, sent, mask, scale, a, offset, below,
+                                               moved=moved)
+            assert big is not None and inv is not None
             do = dof[..., a:a + rows, :]
-            dv += torch.matmul((p * factor).transpose(-1, -2), do)
+            dv += torch.matmul((p if factor is None else p * factor).transpose(-1, -2), do)
             dpp = torch.matmul(do, vf.transpose(-1, -2))                   # [b, h, r, T]
             g = dpp * p
             whole = g.sum(-1, keepdim=True)                                  # [b, h, r, 1]
@@ -139,7 +152,7 @@ class _WeightedAttention(torch.autograd.Function):
             contrib = (big * inv * whole - inv * per) * live[:, None].to(ct)
             du += contrib.sum(dim=tuple(range(contrib.dim() - 1)))
             del per, contrib, big, inv
-            dp = dpp.mul_(factor)
+            dp = dpp if factor is None else dpp.mul_(factor)
             del dpp, factor
             ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)          # softmax backward
             del dp, p
