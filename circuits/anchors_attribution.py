@@ -272,8 +272,8 @@ def sentence_attribution(model, trace: Trace, *, metric: str = "logodds",
     ``"eager"`` (the bridge's patterns, hooked); None = blockwise where the architecture
     allows it and no hooks are attached (the same numbers up to float rounding).
     ``checkpoint``: recompute each block in the backward pass instead of keeping its
-    activations (:func:`~thinklens.hooks.forward.recompute_blocks`: about one more
-    forward pass of time, memory of one block instead of all); None = only when the
+    activations (:func:`~thinklens.hooks.forward.recompute_blocks`: 1.0-1.5x the time
+    measured, memory of about two blocks instead of all); None = only when the
     trace would not fit the budget otherwise.
     ``budget``: memory allowed (bytes, ``"8GB"``; default 60 % of available memory): a
     trace whose forward + backward pass would not fit is refused before any pass, naming

@@ -190,8 +190,8 @@ def attribution_peak(cfg, length: int, attention: str = "eager", *,
     on top where they exceed what one layer keeps. ``checkpoint=True``
     (:func:`~thinklens.hooks.forward.recompute_blocks`): every layer keeps its input
     (``CHECKPOINT_PER_TOKEN · d_model`` floats per token), and two layers' worth (one for
-    a two-layer model) plus the blocks is alive at once (SmolLM2-135M at 1k and 2k
-    tokens: 1.01 of the measured peak).
+    a two-layer model) plus the blocks is alive at once (SmolLM2-135M at 1k-8k tokens:
+    0.83-1.11 of the measured peak, benchmarks/RESULTS.md (p)).
     """
     if attention not in ("eager", "blockwise"):
         raise ConfigError(f"attention={attention!r}; valid: eager, blockwise")
